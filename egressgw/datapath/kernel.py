@@ -1,0 +1,220 @@
+"""The nftables datapath of this network namespace: adopt, reconcile, program learned elements.
+
+In: ``DesiredState`` from the control plane, ``Learned`` destinations from DNS answers.
+Out: kernel set elements, each change one netlink transaction.
+
+It never flushes what it finds: ``adopt`` loads the skeleton with ``add`` (keeping every set's
+elements) and reads the elements back, so learned destinations and established flows keep
+working across a restart; ``reconcile`` then changes only what differs.
+
+Kernel facts this relies on (checked by tests/kernel/test_datapath_kernel.py on the running kernel):
+- re-adding an existing element with the same timeout does not restart its timeout (6.18 only
+  refreshes when the timeout value differs, older kernels never do), so a refresh is a
+  DESTROYSETELEM (Linux 6.3+) followed by an add, both in one transaction;
+- an element's remaining lifetime is reported as NFTA_SET_ELEM_EXPIRATION in milliseconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from egressgw.datapath import keys, skeleton
+from egressgw.datapath.netlink import Change, Element, NftSocket, Op
+from egressgw.datapath.netns import call_in
+from egressgw.datapath.state import (
+    LEARNED_SETS,
+    DesiredState,
+    Learned,
+    learned_identity,
+    same_element,
+)
+
+log = logging.getLogger(__name__)
+
+ElementKey = tuple[bytes, bytes | None]
+Clock = Callable[[], float]
+
+
+@dataclass
+class ReconcileResult:
+    added: int = 0
+    removed: int = 0
+    learned_removed: int = 0
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.added or self.removed or self.learned_removed)
+
+
+@dataclass
+class Adopted:
+    """What a previous run left in the kernel."""
+
+    identities: dict[int, str] = field(default_factory=dict)
+    egress_ips: set[keys.IPAddress] = field(default_factory=set)
+    learned: int = 0
+    static: int = 0
+
+
+class NftDatapath:
+    """The kernel side. Methods are synchronous and fast (one sendmsg per change)."""
+
+    def __init__(
+        self, table: str, uplink: str, netns: str | None = None, clock: Clock = time.monotonic
+    ) -> None:
+        self.table = table
+        self.uplink = uplink
+        self.netns = netns
+        self._clock = clock
+        self._sock: NftSocket | None = None
+        self._static: dict[str, dict[ElementKey, Element]] = {}
+        # set -> element key -> (expiry on our clock, element); mirrors learned elements so a
+        # destination that already outlives the requested lifetime costs no netlink round trip.
+        self._learned: dict[str, dict[ElementKey, tuple[float, Element]]] = {}
+
+    @property
+    def sock(self) -> NftSocket:
+        if self._sock is None:
+            raise RuntimeError("datapath not adopted yet")
+        return self._sock
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def adopt(self) -> Adopted:
+        """Load the skeleton (keeping existing elements) and read back what is in force."""
+        skeleton.load(self.table, self.uplink, self.netns)
+        if self._sock is None:
+            self._sock = call_in(self.netns, lambda: NftSocket(self.table))
+        now = self._clock()
+        adopted = Adopted()
+        self._static = {}
+        self._learned = {}
+        for name in skeleton.SET_SPECS:
+            elements = self.sock.dump(name)
+            if name in LEARNED_SETS:
+                self._learned[name] = {
+                    e.identity(): (now + (e.expiration_ms or 0) / 1000.0, e) for e in elements
+                }
+                adopted.learned += len(elements)
+            else:
+                self._static[name] = {e.identity(): e for e in elements}
+                adopted.static += len(elements)
+        for element in self._static["identities"].values():
+            adopted.identities[keys.parse_mark(element.key)] = element.comment or ""
+        for f in (4, 6):
+            for element in self._static[f"egress_ips{f}"].values():
+                adopted.egress_ips.add(keys.parse_address(element.key))
+        return adopted
+
+    def reconcile(self, desired: DesiredState) -> ReconcileResult:
+        """Make the control-plane sets equal to ``desired`` in one transaction.
+
+        Learned elements of identities that no longer exist are removed in the same transaction.
+        On failure nothing changes, in the kernel or in the mirror.
+        """
+        wanted = desired.static_elements()
+        result = ReconcileResult()
+        removals: list[Change] = []
+        additions: list[Change] = []
+        for name, want in wanted.items():
+            have = self._static.get(name, {})
+            stale = [e for k, e in have.items() if k not in want or not same_element(e, want[k])]
+            fresh = [e for k, e in want.items() if k not in have or not same_element(have[k], e)]
+            if stale:
+                removals.append(Change(Op.DELETE, name, tuple(stale)))
+                result.removed += len(stale)
+            if fresh:
+                additions.append(Change(Op.ADD, name, tuple(fresh)))
+                result.added += len(fresh)
+        gone: dict[str, list[ElementKey]] = {}
+        for name in LEARNED_SETS:
+            orphans = [
+                (k, e)
+                for k, (_, e) in self._learned.get(name, {}).items()
+                if learned_identity(name, e) not in desired.identities
+            ]
+            if orphans:
+                removals.append(Change(Op.DESTROY, name, tuple(e for _, e in orphans)))
+                gone[name] = [k for k, _ in orphans]
+                result.learned_removed += len(orphans)
+        if not removals and not additions:
+            return result
+        self.sock.apply(removals + additions)
+        self._static = {name: dict(want) for name, want in wanted.items()}
+        for name, dropped in gone.items():
+            for key in dropped:
+                self._learned[name].pop(key, None)
+        return result
+
+    def program(self, learned: Iterable[Learned], lifetime_s: float) -> int:
+        """Allow each learned destination for at least ``lifetime_s`` seconds from now.
+
+        One transaction; elements whose kernel lifetime already covers it are left alone.
+        Returns the number of elements written (0 when everything was already in force).
+        """
+        now = self._clock()
+        needed_until = now + lifetime_s
+        timeout_ms = max(1000, int(lifetime_s * 1000) + 999) // 1000 * 1000
+        changes: list[Change] = []
+        writes: list[tuple[str, ElementKey, Element]] = []
+        by_set: dict[str, list[Element]] = {}
+        for item in learned:
+            element = item.element(timeout_ms)
+            by_set.setdefault(item.set_name, []).append(element)
+        for name, elements in by_set.items():
+            mirror = self._learned.setdefault(name, {})
+            stale: list[Element] = []
+            fresh: list[Element] = []
+            for element in elements:
+                known = mirror.get(element.identity())
+                if known is not None and known[0] >= needed_until:
+                    continue
+                if known is not None:
+                    stale.append(element)
+                fresh.append(element)
+                writes.append((name, element.identity(), element))
+            if stale:
+                changes.append(Change(Op.DESTROY, name, tuple(stale)))
+            if fresh:
+                changes.append(Change(Op.ADD, name, tuple(fresh)))
+        if not changes:
+            return 0
+        self.sock.apply(changes)
+        expiry = now + timeout_ms / 1000.0
+        for name, key, element in writes:
+            self._learned[name][key] = (expiry, element)
+        return len(writes)
+
+    def forget_expired(self) -> int:
+        """Drop mirror entries the kernel has expired; returns how many."""
+        now = self._clock()
+        dropped = 0
+        for mirror in self._learned.values():
+            for key in [k for k, (exp, _) in mirror.items() if exp <= now]:
+                del mirror[key]
+                dropped += 1
+        return dropped
+
+    def learned_count(self) -> int:
+        return sum(len(m) for m in self._learned.values())
+
+    def static_count(self, set_name: str) -> int:
+        return len(self._static.get(set_name, {}))
+
+
+def learned_for(
+    identity: int, addresses: Sequence[keys.IPAddress], ports: Sequence[tuple[int | None, int, int]]
+) -> list[Learned]:
+    """Learned elements for addresses on (protocol, first port, last port) specs;
+    ``protocol=None`` means any port and protocol."""
+    out: list[Learned] = []
+    for address in addresses:
+        for protocol, lo, hi in ports:
+            out.append(Learned(identity, address, protocol, (lo, hi)))
+    return out
