@@ -150,6 +150,10 @@ def build() -> Topology:
         ip(topo.gateway, "-6", "route", "add", "2001:db8:203::/64", "via", "2001:db8:100::1")
         sysctl(topo.gateway, "net.ipv4.ip_forward", "1")
         sysctl(topo.gateway, "net.ipv6.conf.all.forwarding", "1")
+        # Settle neighbour discovery on both links before a test times its first packet.
+        for ns, peer in ((topo.client, "2001:db8:1::1"), (topo.gateway, "2001:db8:100::1")):
+            ping = ["ip", "netns", "exec", ns, "ping", "-6", "-c1", "-W2", peer]
+            subprocess.run(ping, check=True, capture_output=True)
     except BaseException:
         topo.close()
         raise

@@ -1,0 +1,3 @@
+from egressgw.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,177 @@
+"""The daemon: wires a source, the planner and the datapath, supervises tasks, handles signals.
+
+In: Settings. Out: a datapath kept in step with the source until SIGTERM/SIGINT, after which it
+exits and leaves the kernel enforcing the last state (nothing is removed on the way out).
+Every long-running coroutine is a named task; if one dies, the daemon stops loudly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from egressgw import metrics
+from egressgw.datapath.addresses import UplinkAddresses
+from egressgw.datapath.kernel import NftDatapath
+from egressgw.identity import IdentityRegistry, IPAddress, WorkloadTable
+from egressgw.plan import Plan, build
+from egressgw.policy.model import Snapshot
+from egressgw.sources.manifests import ManifestSource
+from egressgw.web import Health, make_app, serve
+
+log = logging.getLogger("egressgw")
+
+
+@dataclass(frozen=True)
+class Settings:
+    uplink: str
+    manifests: Path
+    table: str = "egressgw"
+    http_listen: tuple[str, int] | None = None
+    netns: str | None = None  # tests: run the datapath inside this namespace
+
+
+class Daemon:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.datapath = NftDatapath(settings.table, settings.uplink, netns=settings.netns)
+        self.source = ManifestSource(settings.manifests)
+        self.registry = IdentityRegistry()
+        self.workloads = WorkloadTable()
+        self.held: set[IPAddress] = set()
+        self.adopted = False
+        self.applied_once = False
+        self.last_plan: Plan | None = None
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._addresses: UplinkAddresses | None = None
+
+    # -- status -------------------------------------------------------------------------------
+    def alive(self) -> bool:
+        return all(not t.done() for t in self._tasks)
+
+    def not_ready_reason(self) -> str | None:
+        if not self.adopted:
+            return "datapath not adopted yet"
+        if not self.source.synced.is_set() or not self.applied_once:
+            return "manifests not loaded yet"
+        return None
+
+    # -- work ---------------------------------------------------------------------------------
+    def adopt(self) -> None:
+        started = time.perf_counter()
+        found = self.datapath.adopt()
+        self.registry = IdentityRegistry(found.identities)
+        self.held = set(found.egress_ips)
+        self._addresses = UplinkAddresses(self.settings.uplink, self.settings.netns)
+        self.adopted = True
+        log.info(
+            "adopted table %s: %d identities, %d static and %d learned elements, %d egress IPs "
+            "(%.0f ms)",
+            self.settings.table,
+            len(found.identities),
+            found.static,
+            found.learned,
+            len(found.egress_ips),
+            (time.perf_counter() - started) * 1000,
+        )
+
+    def apply(self, snapshot: Snapshot) -> Plan:
+        """Plan and apply one snapshot. Addresses are added before SNAT uses them, and removed
+        only after nothing SNATs to them any more."""
+        assert self._addresses is not None
+        started = time.perf_counter()
+        plan = build(snapshot, self.registry)
+        for note in plan.notes:
+            log.warning("%s", note)
+        wanted = set(plan.desired.egress_ips)
+        previously = set(self.held)
+        self._addresses.sync(wanted | previously, previously)
+        result = self.datapath.reconcile(plan.desired)
+        changes = self._addresses.sync(wanted, previously)
+        self.held = set(wanted)
+        self.workloads = plan.workloads
+        self.last_plan = plan
+        elapsed = time.perf_counter() - started
+        metrics.RECONCILE_SECONDS.observe(elapsed)
+        metrics.DATAPATH_CHANGES.labels("add").inc(result.added)
+        metrics.DATAPATH_CHANGES.labels("remove").inc(result.removed + result.learned_removed)
+        metrics.WORKLOADS.set(len(plan.workloads))
+        metrics.IDENTITIES.set(len(plan.desired.identities))
+        metrics.EGRESS_IPS_HELD.set(len(wanted))
+        metrics.PLAN_NOTES.set(len(plan.notes))
+        metrics.INVALID_MANIFESTS.set(len(self.source.problems()))
+        log.info(
+            "applied: %d workloads, %d identities, %d egress IPs; +%d -%d elements, "
+            "%d learned removed, addresses +%s -%s (%.1f ms)",
+            len(plan.workloads),
+            len(plan.desired.identities),
+            len(wanted),
+            result.added,
+            result.removed,
+            result.learned_removed,
+            [str(a) for a in changes.added],
+            [str(a) for a in changes.removed],
+            elapsed * 1000,
+        )
+        return plan
+
+    async def _follow_source(self) -> None:
+        async for snapshot in self.source.snapshots():
+            try:
+                await asyncio.to_thread(self.apply, snapshot)
+                self.applied_once = True
+            except Exception:
+                metrics.RECONCILE_ERRORS.inc()
+                log.exception("could not apply the new state; the previous one stays in force")
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(5)
+            self.datapath.forget_expired()
+
+    def _spawn(self, coro: object, name: str) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
+        task.add_done_callback(self._task_done)
+        self._tasks.append(task)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or self._stop.is_set():
+            return
+        exc = task.exception()
+        log.critical("task %s stopped (%s); shutting down", task.get_name(), exc or "returned")
+        self._stop.set()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        runner = None
+        if self.settings.http_listen:
+            host, port = self.settings.http_listen
+            runner = await serve(make_app(Health(self.alive, self.not_ready_reason)), host, port)
+            log.info("serving health and metrics on %s:%d", host, port)
+        try:
+            await asyncio.to_thread(self.adopt)
+            self._spawn(self._follow_source(), "follow-manifests")
+            self._spawn(self._housekeeping(), "housekeeping")
+            await self._stop.wait()
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            if runner is not None:
+                await runner.cleanup()
+            self.datapath.close()
+            if self._addresses is not None:
+                self._addresses.close()
+        failed = [t for t in self._tasks if not t.cancelled() and t.done() and t.exception()]
+        log.info("stopped; the datapath keeps enforcing the last state")
+        return 1 if failed else 0
