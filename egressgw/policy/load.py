@@ -1,0 +1,619 @@
+"""Manifests (YAML files or API objects as dicts) -> validated model objects and problems.
+
+In: paths of YAML files and directories, or one object dict (``parse_object``, e.g. from the
+Kubernetes API). Out: a ``Snapshot`` of the valid objects, and every ``Problem`` found, each naming
+the object, the field, what is wrong and how to fix it. The only I/O is reading the given files.
+
+Every object goes through ``parse_object``, so a file and an API object get the same words.
+An object with any problem is left out of the snapshot; the caller decides what stays in force.
+
+Choices worth knowing:
+
+- kinds other than EgressGateway, EgressPolicy, Namespace and Pod are reported as unsupported
+  (CustomResourceDefinitions too), so running ``policy check`` on the wrong directory is obvious;
+- in directories, ``*.yaml`` and ``*.yml`` are read recursively in sorted order, skipping names
+  that start with "." (editor temporary files, ConfigMap mounts' ``..data`` copies);
+- a Pod without ``metadata.namespace`` is in "default", as with kubectl; an EgressPolicy must name
+  its namespace, so a policy never lands in a namespace by accident;
+- a Namespace gets the ``kubernetes.io/metadata.name`` label, as the API server sets it;
+- an object defined twice keeps its first copy (in sorted file order); the later one is a problem;
+- an egress IP listed by two EgressGateways stays with the gateway whose name sorts first.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from egressgw.policy import fqdn
+from egressgw.policy.model import (
+    API_VERSION,
+    Action,
+    EgressGateway,
+    EgressPolicy,
+    EgressRule,
+    IPAddress,
+    IPNetwork,
+    LabelSelector,
+    Mode,
+    Namespace,
+    Peer,
+    Pod,
+    PortSpec,
+    Protocol,
+    SelectorOperator,
+    SelectorRequirement,
+    Snapshot,
+)
+from egressgw.policy.schema import schema_problems
+
+try:
+    from yaml import CSafeLoader as _BaseLoader
+except ImportError:  # pragma: no cover - PyYAML without libyaml
+    from yaml import SafeLoader as _BaseLoader  # type: ignore[assignment]
+
+_T = TypeVar("_T")
+KubeObject = Namespace | Pod | EgressGateway | EgressPolicy
+API_SOURCE = "<api>"
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
+
+# kind -> (apiVersion, namespaced)
+KINDS: dict[str, tuple[str, bool]] = {
+    "EgressGateway": (API_VERSION, False),
+    "EgressPolicy": (API_VERSION, True),
+    "Namespace": ("v1", False),
+    "Pod": ("v1", True),
+}
+
+_DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+_DNS_LABEL_RE = re.compile(rf"^{_DNS_LABEL}$")
+_DNS_SUBDOMAIN_RE = re.compile(rf"^{_DNS_LABEL}(\.{_DNS_LABEL})*$")
+_LABEL_NAME_RE = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+_LABEL_VALUE_RE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with one object (or one file), in words that say how to fix it."""
+
+    file: str  # the path as given, or "<api>"
+    kind: str  # "?" if unknown
+    namespace: str | None
+    name: str  # "?" if unknown
+    field: str  # dotted path, e.g. "spec.egress[0].to[1].cidr"; "" for the whole document
+    message: str
+
+    def __str__(self) -> str:
+        """``file: kind/namespace/name: field: message``; cluster-scoped objects have no
+        namespace part, an empty field is left out, and a file-level problem (no object known)
+        reads ``file: message``."""
+        parts = [self.file]
+        if (self.kind, self.name) != ("?", "?"):
+            ident = [self.kind, self.namespace, self.name]
+            parts.append("/".join(p for p in ident if p is not None))
+        if self.field:
+            parts.append(self.field)
+        parts.append(self.message)
+        return ": ".join(parts)
+
+
+@dataclass
+class LoadResult:
+    snapshot: Snapshot  # only valid objects
+    problems: list[Problem]
+    files: dict[str, int] = field(default_factory=dict)  # file -> objects loaded from it
+
+
+class _Object:
+    """Collects the problems of one document while it is being parsed."""
+
+    def __init__(self, source: str, kind: str, namespace: str | None, name: str) -> None:
+        self.source, self.kind, self.namespace, self.name = source, kind, namespace, name
+        self.problems: list[Problem] = []
+
+    def problem(self, where: str, message: str) -> None:
+        self.problems.append(
+            Problem(self.source, self.kind, self.namespace, self.name, where, message)
+        )
+
+
+# --- fields -------------------------------------------------------------------------------
+
+
+def _check_label_key(obj: _Object, where: str, key: str) -> None:
+    prefix, slash, name = key.rpartition("/")
+    ok = bool(_LABEL_NAME_RE.match(name)) and len(name) <= 63
+    if slash:
+        ok = ok and bool(_DNS_SUBDOMAIN_RE.match(prefix)) and len(prefix) <= 253
+    if not ok:
+        obj.problem(
+            where,
+            f"invalid label key {fqdn.quoted(key)}: use an optional DNS-subdomain prefix and '/',"
+            " then 1-63 letters, digits, '-', '_' or '.', starting and ending with a letter or"
+            " digit (e.g. app or example.com/app)",
+        )
+
+
+def _check_label_value(obj: _Object, where: str, value: str) -> None:
+    if len(value) > 63 or not _LABEL_VALUE_RE.match(value):
+        obj.problem(
+            where,
+            f"invalid label value {fqdn.quoted(value)}: use at most 63 letters, digits, '-', '_'"
+            " or '.', starting and ending with a letter or digit (or an empty value)",
+        )
+
+
+def _labels(obj: _Object, where: str, raw: Mapping[str, str] | None) -> dict[str, str]:
+    labels = dict(raw or {})
+    for key, value in labels.items():
+        _check_label_key(obj, where, key)
+        _check_label_value(obj, f"{where}.{key}" if "." not in key else where, value)
+    return labels
+
+
+def _selector(obj: _Object, where: str, raw: Mapping[str, Any] | None) -> LabelSelector:
+    raw = raw or {}
+    match_labels = _labels(obj, f"{where}.matchLabels", raw.get("matchLabels"))
+    requirements = []
+    for index, expr in enumerate(raw.get("matchExpressions") or ()):
+        here = f"{where}.matchExpressions[{index}]"
+        operator = SelectorOperator(expr["operator"])
+        values = tuple(expr.get("values") or ())
+        _check_label_key(obj, f"{here}.key", expr["key"])
+        if operator in (SelectorOperator.IN, SelectorOperator.NOT_IN) and not values:
+            obj.problem(
+                f"{here}.values",
+                f"operator {operator} needs a non-empty values list: add values, or use Exists"
+                " / DoesNotExist to test only the key",
+            )
+        elif operator in (SelectorOperator.EXISTS, SelectorOperator.DOES_NOT_EXIST) and values:
+            obj.problem(
+                f"{here}.values",
+                f"operator {operator} tests only the key and must not have values: remove them,"
+                " or use In / NotIn",
+            )
+        for value_index, value in enumerate(values):
+            _check_label_value(obj, f"{here}.values[{value_index}]", value)
+        requirements.append(SelectorRequirement(expr["key"], operator, values))
+    return LabelSelector(tuple(sorted(match_labels.items())), tuple(requirements))
+
+
+def parse_ip(text: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _ip(obj: _Object, where: str, text: str) -> IPAddress | None:
+    address = parse_ip(text) if "%" not in text else None
+    if address is None:
+        obj.problem(
+            where,
+            f"{fqdn.quoted(text)} is not an IP address: write one IPv4 or IPv6 address,"
+            " e.g. 198.51.100.10 or 2001:db8::10 (no prefix length)",
+        )
+    return address
+
+
+def cidr_problem(text: str) -> str | None:
+    """Why ``text`` is not a strict CIDR, with the fix; None if it is one."""
+    if "%" in text:
+        return f"{fqdn.quoted(text)} is not a CIDR: remove the zone index after '%'"
+    if "/" not in text:
+        address = parse_ip(text)
+        if address is not None:
+            return f"{text} has no prefix length: write {text}/{address.max_prefixlen}"
+    try:
+        ipaddress.ip_network(text, strict=True)
+        return None
+    except ValueError:
+        pass
+    try:
+        loose = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return (
+            f"{fqdn.quoted(text)} is not a CIDR: write an IPv4 or IPv6 network such as"
+            " 203.0.113.0/24 or 2001:db8::/32"
+        )
+    host = text.split("/", 1)[0]
+    return (
+        f"{text} has host bits set: write {loose} for the whole network, or"
+        f" {host}/{loose.max_prefixlen} for the single address"
+    )
+
+
+def _peer(obj: _Object, where: str, raw: Mapping[str, Any]) -> Peer:
+    if "fqdn" in raw:
+        name: str = raw["fqdn"]
+        if "*" in name:
+            obj.problem(f"{where}.fqdn", "fqdn is an exact name: use fqdnPattern for wildcards")
+            return Peer(fqdn=name)
+        if parse_ip(name.rstrip(".")) is not None:
+            bits = 32 if ":" not in name else 128
+            obj.problem(
+                f"{where}.fqdn", f"{name} is an IP address, not a name: use cidr: {name}/{bits}"
+            )
+            return Peer(fqdn=name)
+        try:
+            return Peer(fqdn=fqdn.canonical_name(name))
+        except fqdn.InvalidName as exc:
+            obj.problem(f"{where}.fqdn", f"not a valid DNS name: {exc}")
+            return Peer(fqdn=name)
+    if "fqdnPattern" in raw:
+        try:
+            return Peer(fqdn_pattern=fqdn.compile_pattern(raw["fqdnPattern"]).text)
+        except fqdn.InvalidPattern as exc:
+            obj.problem(f"{where}.fqdnPattern", str(exc))
+            return Peer(fqdn_pattern=raw["fqdnPattern"])
+    problem = cidr_problem(raw["cidr"])
+    if problem is not None:
+        obj.problem(f"{where}.cidr", problem)
+        return Peer()
+    network: IPNetwork = ipaddress.ip_network(raw["cidr"])
+    return Peer(cidr=network)
+
+
+def _port(obj: _Object, where: str, raw: Mapping[str, Any]) -> PortSpec:
+    port: int | None = raw.get("port")
+    end_port: int | None = raw.get("endPort")
+    if end_port is not None and port is None:
+        obj.problem(
+            f"{where}.endPort",
+            "endPort needs port: add port (the first port of the range) or remove endPort",
+        )
+    elif end_port is not None and port is not None and end_port < port:
+        obj.problem(
+            f"{where}.endPort",
+            f"endPort {end_port} is below port {port}: endPort is the last port of the range"
+            f" and must be >= port (swap them, or remove endPort for the single port {port})",
+        )
+    return PortSpec(Protocol(raw.get("protocol", "TCP")), port, end_port)
+
+
+# --- kinds --------------------------------------------------------------------------------
+
+
+def _gateway(obj: _Object, doc: Mapping[str, Any]) -> EgressGateway:
+    spec = doc["spec"]
+    egress_ips: list[IPAddress] = []
+    for index, text in enumerate(spec["egressIPs"]):
+        where = f"spec.egressIPs[{index}]"
+        address = _ip(obj, where, text)
+        if address is None:
+            continue
+        if address.is_unspecified or address.is_multicast or address.is_loopback:
+            obj.problem(where, f"{address} cannot be a source address: use a unicast address")
+        elif address.is_link_local:
+            obj.problem(where, f"{address} is link-local and cannot leave its link: use another")
+        elif address in egress_ips:
+            obj.problem(where, f"{address} is listed twice: remove the duplicate")
+        else:
+            egress_ips.append(address)
+    node_selector = spec.get("nodeSelector")
+    return EgressGateway(
+        name=obj.name,
+        namespace_selector=_selector(obj, "spec.namespaceSelector", spec["namespaceSelector"]),
+        pod_selector=_selector(obj, "spec.podSelector", spec.get("podSelector")),
+        egress_ips=tuple(egress_ips),
+        node_selector=(
+            None if node_selector is None else _selector(obj, "spec.nodeSelector", node_selector)
+        ),
+        default_action=Action(spec.get("defaultAction", "Deny")),
+        generation=doc["metadata"].get("generation", 0),
+    )
+
+
+def _policy(obj: _Object, doc: Mapping[str, Any]) -> EgressPolicy:
+    spec = doc["spec"]
+    rules = []
+    for index, raw in enumerate(spec.get("egress") or ()):
+        where = f"spec.egress[{index}]"
+        peers = tuple(_peer(obj, f"{where}.to[{i}]", p) for i, p in enumerate(raw["to"]))
+        ports = tuple(
+            _port(obj, f"{where}.ports[{i}]", p) for i, p in enumerate(raw.get("ports") or ())
+        )
+        rules.append(EgressRule(Action(raw.get("action", "Allow")), peers, ports))
+    assert obj.namespace is not None  # checked by parse_object
+    return EgressPolicy(
+        namespace=obj.namespace,
+        name=obj.name,
+        pod_selector=_selector(obj, "spec.podSelector", spec["podSelector"]),
+        mode=Mode(spec.get("mode", "Enforce")),
+        egress=tuple(rules),
+        generation=doc["metadata"].get("generation", 0),
+    )
+
+
+def _namespace(obj: _Object, doc: Mapping[str, Any]) -> Namespace:
+    labels = _labels(obj, "metadata.labels", doc["metadata"].get("labels"))
+    labels[NAMESPACE_NAME_LABEL] = obj.name
+    return Namespace(obj.name, labels)
+
+
+def _pod(obj: _Object, doc: Mapping[str, Any]) -> Pod:
+    labels = _labels(obj, "metadata.labels", doc["metadata"].get("labels"))
+    ips: list[IPAddress] = []
+    for index, entry in enumerate((doc.get("status") or {}).get("podIPs") or ()):
+        address = _ip(obj, f"status.podIPs[{index}].ip", entry["ip"])
+        if address is not None and address not in ips:
+            ips.append(address)
+    assert obj.namespace is not None
+    return Pod(obj.namespace, obj.name, labels, tuple(ips))
+
+
+_BUILDERS: dict[str, Callable[[_Object, Mapping[str, Any]], KubeObject]] = {
+    "EgressGateway": _gateway,
+    "EgressPolicy": _policy,
+    "Namespace": _namespace,
+    "Pod": _pod,
+}
+
+
+# --- one object ---------------------------------------------------------------------------
+
+
+def _identity(doc: Mapping[str, Any]) -> tuple[str, str | None, str]:
+    kind = doc.get("kind")
+    metadata = doc.get("metadata")
+    metadata = metadata if isinstance(metadata, Mapping) else {}
+    name, namespace = metadata.get("name"), metadata.get("namespace")
+    kind = kind if isinstance(kind, str) and kind else "?"
+    namespace = namespace if isinstance(namespace, str) and namespace else None
+    if kind == "Pod" and namespace is None:
+        namespace = "default"
+    if kind in KINDS and not KINDS[kind][1]:
+        namespace = None  # cluster-scoped: a stray metadata.namespace is reported, not shown
+    return kind, namespace, name if isinstance(name, str) and name else "?"
+
+
+def _check_envelope(obj: _Object, doc: Mapping[str, Any]) -> None:
+    """apiVersion, kind, names and scope; schema-level problems are not repeated here."""
+    if obj.kind == "?":
+        obj.problem("kind", f"kind is missing: set it to one of {', '.join(KINDS)}")
+        return
+    if obj.kind not in KINDS:
+        obj.problem(
+            "kind",
+            f'unsupported kind "{obj.kind}": egressgw reads EgressGateway and EgressPolicy'
+            f" ({API_VERSION}), Namespace and Pod (v1); keep other manifests out of the paths"
+            " it reads",
+        )
+        return
+    api_version, namespaced = KINDS[obj.kind]
+    if doc.get("apiVersion") != api_version:
+        got = doc.get("apiVersion")
+        what = "is missing" if got is None else f"{fqdn.quoted(str(got))} is not supported"
+        obj.problem("apiVersion", f"apiVersion {what}: use apiVersion: {api_version}")
+    metadata = doc.get("metadata")
+    if not isinstance(metadata, Mapping):
+        return
+    name, namespace = metadata.get("name"), metadata.get("namespace")
+    if isinstance(name, str) and name:
+        pattern, limit = (
+            (_DNS_LABEL_RE, 63) if obj.kind == "Namespace" else (_DNS_SUBDOMAIN_RE, 253)
+        )
+        if len(name) > limit or not pattern.match(name):
+            chars = "digits and '-'" if limit == 63 else "digits, '-' and '.'"
+            obj.problem(
+                "metadata.name",
+                f"invalid name {fqdn.quoted(name)}: use lower-case letters, {chars} (at most"
+                f" {limit}), starting and ending with a letter or digit",
+            )
+    if namespaced and isinstance(namespace, str) and namespace:
+        if len(namespace) > 63 or not _DNS_LABEL_RE.match(namespace):
+            obj.problem(
+                "metadata.namespace",
+                f"invalid namespace {fqdn.quoted(namespace)}: use at most 63 lower-case letters,"
+                " digits and '-', starting and ending with a letter or digit",
+            )
+    elif namespaced and obj.kind == "EgressPolicy" and namespace is None:
+        obj.problem(
+            "metadata.namespace",
+            "an EgressPolicy is namespaced: add metadata.namespace (the project's namespace)",
+        )
+    elif not namespaced and namespace is not None:
+        obj.problem(
+            "metadata.namespace",
+            f"{obj.kind} is cluster-scoped: remove metadata.namespace",
+        )
+
+
+def parse_object(doc: Mapping[str, Any], *, source: str) -> tuple[KubeObject | None, list[Problem]]:
+    """Validate and convert one object dict; the object is None if there is any problem."""
+    if not isinstance(doc, Mapping):
+        problem = Problem(
+            source,
+            "?",
+            None,
+            "?",
+            "",
+            "a manifest must be a mapping with apiVersion, kind and metadata;"
+            f" got {type(doc).__name__}",
+        )
+        return None, [problem]
+    obj = _Object(source, *_identity(doc))
+    _check_envelope(obj, doc)
+    if obj.kind not in KINDS:
+        return None, obj.problems
+    for where, message in schema_problems(obj.kind, doc):
+        obj.problem(where, message)
+    if obj.problems:
+        return None, obj.problems
+    built = _BUILDERS[obj.kind](obj, doc)
+    return (None if obj.problems else built), obj.problems
+
+
+# --- many objects -------------------------------------------------------------------------
+
+
+def object_key(obj: KubeObject) -> tuple[str, str, str]:
+    """(kind, namespace or "", name): what makes an object unique."""
+    kind = type(obj).__name__
+    namespace = obj.namespace if isinstance(obj, (Pod, EgressPolicy)) else ""
+    return kind, namespace, obj.name
+
+
+def _problem_for(obj: KubeObject, source: str, where: str, message: str) -> Problem:
+    kind, namespace, name = object_key(obj)
+    return Problem(source, kind, namespace or None, name, where, message)
+
+
+def build_snapshot(objects: Iterable[tuple[str, KubeObject]]) -> tuple[Snapshot, list[Problem]]:
+    """A Snapshot from (source, object) pairs, with the checks that span objects: duplicates,
+    and egress IPs claimed by two gateways. Objects with such a problem are left out."""
+    problems: list[Problem] = []
+    first: dict[tuple[str, str, str], str] = {}
+    kept: list[KubeObject] = []
+    sources: dict[tuple[str, str, str], str] = {}
+    for source, obj in objects:
+        key = object_key(obj)
+        if key in first:
+            problems.append(
+                _problem_for(
+                    obj,
+                    source,
+                    "",
+                    f"already defined in {first[key]}: define each object once; this copy is"
+                    " ignored",
+                )
+            )
+            continue
+        first[key] = sources[key] = source
+        kept.append(obj)
+
+    gateways: list[EgressGateway] = []
+    ip_owner: dict[IPAddress, str] = {}
+    for gateway in sorted((o for o in kept if isinstance(o, EgressGateway)), key=lambda g: g.name):
+        clashes = [(i, ip) for i, ip in enumerate(gateway.egress_ips) if ip in ip_owner]
+        for index, ip in clashes:
+            problems.append(
+                _problem_for(
+                    gateway,
+                    sources[object_key(gateway)],
+                    f"spec.egressIPs[{index}]",
+                    f'{ip} is already an egress IP of EgressGateway "{ip_owner[ip]}": give each'
+                    " gateway its own egress IPs",
+                )
+            )
+        if not clashes:
+            ip_owner.update((ip, gateway.name) for ip in gateway.egress_ips)
+            gateways.append(gateway)
+
+    snapshot = Snapshot(
+        namespaces={o.name: o for o in sorted(_of(kept, Namespace), key=lambda n: n.name)},
+        pods=tuple(sorted(_of(kept, Pod), key=lambda p: (p.namespace, p.name))),
+        gateways=tuple(gateways),
+        policies=tuple(sorted(_of(kept, EgressPolicy), key=lambda p: (p.namespace, p.name))),
+    )
+    return snapshot, problems
+
+
+def _of(objects: Iterable[KubeObject], cls: type[_T]) -> list[_T]:
+    return [o for o in objects if isinstance(o, cls)]
+
+
+# --- files --------------------------------------------------------------------------------
+
+
+class _StrictLoader(_BaseLoader):
+    """Safe YAML that rejects duplicate keys: PyYAML would silently keep the last one, and a
+    second ``to:`` or ``ports:`` in one rule must not quietly replace the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        self.flatten_mapping(node)
+        seen: set[tuple[str, str]] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                ident = (key_node.tag, key_node.value)
+                if ident in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping",
+                        node.start_mark,
+                        f'found the key "{key_node.value}" twice: keep one',
+                        key_node.start_mark,
+                    )
+                seen.add(ident)
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_problem(source: str, exc: yaml.YAMLError) -> Problem:
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        context = exc.context or ""
+        start = exc.context_mark
+        if context and start is not None and start.line != mark.line:
+            context += f" (started at line {start.line + 1})"
+        what = ", ".join(p for p in (context, exc.problem) if p)
+        message = f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {what}"
+    else:
+        message = f"invalid YAML: {exc}"
+    return Problem(source, "?", None, "?", "", message)
+
+
+def files_in(path: Path) -> list[Path]:
+    """``path`` itself, or the ``*.yaml``/``*.yml`` files under it, sorted; hidden names skipped."""
+    if not path.is_dir():
+        return [path]
+    found = [
+        p
+        for p in path.rglob("*")
+        if p.suffix in (".yaml", ".yml")
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    ]
+    return sorted(found)
+
+
+def load_file(path: Path) -> tuple[list[tuple[str, KubeObject]], list[Problem]]:
+    """Every valid object of one file with its source, and every problem."""
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return [], [Problem(source, "?", None, "?", "", "no such file or directory")]
+    except (OSError, UnicodeDecodeError) as exc:
+        return [], [Problem(source, "?", None, "?", "", f"cannot read the file: {exc}")]
+    objects: list[tuple[str, KubeObject]] = []
+    problems: list[Problem] = []
+    try:
+        for doc in yaml.load_all(text, Loader=_StrictLoader):
+            if doc is None:
+                continue
+            obj, found = parse_object(doc, source=source)
+            problems.extend(found)
+            if obj is not None:
+                objects.append((source, obj))
+    except yaml.YAMLError as exc:
+        problems.append(_yaml_problem(source, exc))
+    return objects, problems
+
+
+def load_paths(paths: Sequence[str | Path]) -> LoadResult:
+    """Load files and directories (recursively) into one Snapshot of the valid objects."""
+    objects: list[tuple[str, KubeObject]] = []
+    problems: list[Problem] = []
+    files: dict[str, int] = {}
+    for given in paths:
+        path = Path(given)
+        if not path.exists():
+            problems.append(Problem(str(given), "?", None, "?", "", "no such file or directory"))
+            continue
+        for file in files_in(path):
+            found, file_problems = load_file(file)
+            objects.extend(found)
+            problems.extend(file_problems)
+            files[str(file)] = len(found)
+    snapshot, cross = build_snapshot(objects)
+    problems.extend(cross)
+    # a duplicate or a clash removes an object: keep the per-file counts honest
+    for problem in cross:
+        if problem.file in files:
+            files[problem.file] -= 1
+    return LoadResult(snapshot, problems, files)

@@ -1,0 +1,242 @@
+"""The CRDs' OpenAPI v3 schemas as JSON Schema validators, with errors users can act on.
+
+In: the CRD manifests shipped in ``egressgw/crds/`` (symlinks to ``manifests/crds/``) and one
+object as a plain dict. Out: (field path, message) pairs. Reads the two CRD files once; nothing
+else.
+
+The conversion mirrors what the API server does with ``kubectl apply`` (strict field
+validation): ``x-kubernetes-*`` keys are dropped, ``nullable`` becomes a null type, and an
+object that declares ``properties`` rejects unknown fields (the API server cannot express that in
+a structural schema; it rejects them through field validation instead). ``format`` is not checked
+here: the loader checks CIDRs and IPs more strictly than any format checker would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+from jsonschema.exceptions import ValidationError
+
+CRD_DIR = Path(__file__).resolve().parent.parent / "crds"
+CRD_FILES = {"EgressGateway": "egressgateways.yaml", "EgressPolicy": "egresspolicies.yaml"}
+
+
+def to_json_schema(node: Any) -> Any:
+    """Convert one OpenAPI v3 (structural) schema node, recursively."""
+    if isinstance(node, list):
+        return [to_json_schema(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key.startswith("x-kubernetes-") or key in ("nullable", "description", "default"):
+            continue
+        if key in ("properties", "patternProperties"):
+            out[key] = {name: to_json_schema(sub) for name, sub in value.items()}
+        else:
+            out[key] = to_json_schema(value)
+    if node.get("nullable") is True and "type" in out:
+        out["type"] = [out["type"], "null"]
+    preserve = node.get("x-kubernetes-preserve-unknown-fields") is True
+    if "properties" in node and "additionalProperties" not in node and not preserve:
+        out["additionalProperties"] = False
+    return out
+
+
+# The metadata fields egressgw reads, for every kind (CRD schemas cannot describe metadata).
+_METADATA: dict[str, Any] = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {
+        "name": {"type": "string", "minLength": 1},
+        "namespace": {"type": "string", "minLength": 1},
+        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "generation": {"type": "integer", "minimum": 0},
+    },
+}
+
+# Namespace and Pod: only the fields egressgw reads; everything else is allowed and ignored.
+_CORE_SCHEMAS: dict[str, dict[str, Any]] = {
+    "Namespace": {"type": "object", "properties": {}},
+    "Pod": {
+        "type": "object",
+        "properties": {
+            "status": {
+                "type": "object",
+                "properties": {
+                    "podIPs": {
+                        "type": ["array", "null"],
+                        "items": {
+                            "type": "object",
+                            "required": ["ip"],
+                            "properties": {"ip": {"type": "string"}},
+                        },
+                    }
+                },
+            }
+        },
+    },
+}
+
+
+@cache
+def crd_schema(kind: str) -> dict[str, Any]:
+    """The openAPIV3Schema of ``kind``'s CRD, converted to JSON Schema."""
+    with (CRD_DIR / CRD_FILES[kind]).open(encoding="utf-8") as handle:
+        crd = yaml.safe_load(handle)
+    (version,) = crd["spec"]["versions"]
+    schema: dict[str, Any] = to_json_schema(version["schema"]["openAPIV3Schema"])
+    return schema
+
+
+def object_schema(kind: str) -> dict[str, Any]:
+    """The JSON Schema a whole ``kind`` document is checked against, metadata included."""
+    base = crd_schema(kind) if kind in CRD_FILES else _CORE_SCHEMAS[kind]
+    return {
+        **base,
+        "required": ["metadata", *base.get("required", [])],
+        "properties": {**base["properties"], "metadata": _METADATA},
+    }
+
+
+@cache
+def _validator(kind: str) -> jsonschema.Draft7Validator:
+    schema = object_schema(kind)
+    jsonschema.Draft7Validator.check_schema(schema)
+    return jsonschema.Draft7Validator(schema)
+
+
+def field_path(parts: Sequence[str | int]) -> str:
+    """``["spec", "egress", 0, "to"]`` -> ``"spec.egress[0].to"``."""
+    text = ""
+    for part in parts:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else part
+    return text
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    # YAML turns unquoted dates and times into these
+    return f"a {type(value).__name__}"
+
+
+_TYPE_NAMES = {
+    "string": "a string",
+    "integer": "an integer",
+    "number": "a number",
+    "boolean": "a boolean",
+    "array": "a list",
+    "object": "a mapping",
+}
+
+
+def _quote(value: Any) -> str:
+    return f'"{value}"' if isinstance(value, str) else str(value)
+
+
+def _type_message(error: ValidationError) -> str:
+    expected: Any = error.validator_value
+    names = [
+        _TYPE_NAMES.get(str(t), str(t))
+        for t in (expected if isinstance(expected, list) else [expected])
+    ]
+    message = f"expected {' or '.join(names)}, got {_json_type(error.instance)}"
+    if expected == "string" and not isinstance(error.instance, (dict, list)):
+        # YAML reads 1, true, on, 2024-01-01 as non-strings
+        message += f': put the value in quotes, e.g. "{error.instance}"'
+    return message
+
+
+def _messages(error: ValidationError) -> Iterator[tuple[str, str]]:
+    """(field, message) for one jsonschema error, in the loader's words."""
+    path = list(error.absolute_path)
+    here = field_path(path)
+    validator = error.validator
+    schema: Mapping[str, Any] = error.schema if isinstance(error.schema, Mapping) else {}
+    instance: Any = error.instance
+    value: Any = error.validator_value
+    if validator == "required":
+        present = instance if isinstance(instance, Mapping) else {}
+        for name in value:
+            if name not in present:
+                yield field_path([*path, name]), "required field is missing: add it"
+    elif validator == "additionalProperties":
+        known = sorted(schema.get("properties", {}))
+        for name in sorted(set(instance) - set(known)):
+            yield (
+                field_path([*path, str(name)]),
+                f'unknown field "{name}": remove it or fix its spelling'
+                f" (fields here: {', '.join(known)})",
+            )
+    elif validator == "enum":
+        allowed = ", ".join(_quote(v) for v in value)
+        yield here, f"unsupported value {_quote(instance)}: use one of {allowed} (case matters)"
+    elif validator == "type":
+        yield here, _type_message(error)
+    elif validator in ("minimum", "maximum"):
+        low, high = schema.get("minimum"), schema.get("maximum")
+        if low is not None and high is not None:
+            yield here, f"{instance} is out of range: use {low}..{high}"
+        elif low is not None:
+            yield here, f"{instance} is too small: the minimum is {low}"
+        else:
+            yield here, f"{instance} is too large: the maximum is {high}"
+    elif validator == "minItems":
+        yield here, f"needs at least {value} entry: add one"
+    elif validator == "maxItems":
+        yield here, f"has {len(instance)} entries; the limit is {value}"
+    elif validator == "minLength":
+        yield here, "must not be empty"
+    elif validator == "maxLength":
+        yield here, f"is {len(instance)} characters long; the limit is {value}"
+    elif validator == "oneOf" and _one_of_required(value):
+        choices = _one_of_required(value)
+        found = [name for name in choices if isinstance(instance, Mapping) and name in instance]
+        what = f"found {', '.join(found)}" if found else "found none"
+        yield (
+            here,
+            f"set exactly one of {', '.join(choices)} ({what}); use one list entry per destination",
+        )
+    else:
+        yield here, error.message
+
+
+def _one_of_required(branches: Any) -> list[str]:
+    """For ``oneOf: [{required: [a]}, {required: [b]}]`` return ``[a, b]``, else []."""
+    names: list[str] = []
+    for branch in branches if isinstance(branches, list) else []:
+        if not isinstance(branch, Mapping) or set(branch) != {"required"}:
+            return []
+        names.extend(branch["required"])
+    return names
+
+
+def schema_problems(kind: str, doc: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Every schema violation of ``doc`` as (field, message), sorted by field."""
+    found: list[tuple[str, str]] = []
+    for error in _validator(kind).iter_errors(doc):
+        for item in _messages(error):
+            if item not in found:
+                found.append(item)
+    return sorted(found)
