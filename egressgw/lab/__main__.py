@@ -1,0 +1,5 @@
+"""``python -m egressgw.lab up|demo|status|down``: the lab commands without the main CLI."""
+
+from egressgw.lab.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,222 @@
+"""``egressgw lab up|demo|status|down``: the lab from the command line.
+
+In: parsed arguments. Out: text on stdout/stderr and an exit code (0 success, 1 a demo row did not
+match or a step failed, 2 the lab cannot run here). ``add_lab_parser`` hangs these commands under
+the main ``egressgw`` parser; ``python -m egressgw.lab`` runs them on their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from egressgw.lab import demo, services
+from egressgw.lab.lab import Lab, down, is_alive
+from egressgw.lab.netns import LabError
+from egressgw.lab.topology import DEFAULT_LAB_NAME, PODS, NetnsNames
+
+
+def add_lab_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    lab = subparsers.add_parser(
+        "lab",
+        help="a small cluster in network namespaces: pods, a gateway, an external network",
+        description=__doc__,
+    )
+    sub = lab.add_subparsers(dest="lab_command", required=True)
+
+    def with_name(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        parser.add_argument(
+            "--name",
+            default=DEFAULT_LAB_NAME,
+            help=f"lab name, the prefix of its network namespaces (default {DEFAULT_LAB_NAME})",
+        )
+        return parser
+
+    up = with_name(sub.add_parser("up", help="build the lab and start the daemon"))
+    up.add_argument("--policies", type=Path, metavar="DIR", help="policy YAML files to load")
+    up.add_argument("--no-daemon", action="store_true", help="build the network and servers only")
+    up.add_argument(
+        "--daemon-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for `egressgw run` (repeatable)",
+    )
+    up.set_defaults(func=lab_up)
+
+    run_demo = with_name(sub.add_parser("demo", help="bring the lab up, probe every pod, report"))
+    run_demo.add_argument("--policies", type=Path, metavar="DIR", help="policy YAML files to load")
+    run_demo.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
+    run_demo.set_defaults(func=lab_demo)
+
+    status = with_name(sub.add_parser("status", help="namespaces, processes and addresses"))
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=lab_status)
+
+    tear = with_name(sub.add_parser("down", help="stop the lab's processes, delete its namespaces"))
+    tear.set_defaults(func=lab_down)
+
+
+def _preflight() -> str | None:
+    if os.geteuid() != 0:
+        return "the lab needs root (network namespaces, nftables, PostgreSQL as its own user)"
+    return None
+
+
+def _sigterm_as_interrupt() -> None:
+    """Turn SIGTERM into KeyboardInterrupt so every ``finally`` that tears down still runs."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def lab_up(args: argparse.Namespace) -> int:
+    problem = _preflight()
+    if problem:
+        print(f"egressgw lab up: {problem}", file=sys.stderr)
+        return 2
+    _sigterm_as_interrupt()
+    start = time.monotonic()
+    try:
+        lab = Lab.up(
+            args.name,
+            policies=args.policies,
+            start_daemon=not args.no_daemon,
+            daemon_args=args.daemon_arg,
+        )
+    except (LabError, ValueError) as exc:
+        print(f"egressgw lab up: {exc}", file=sys.stderr)
+        return 1
+    print(f"lab {args.name!r} is up after {time.monotonic() - start:.1f}s; state in {lab.statedir}")
+    print(_usage(lab))
+    return 0
+
+
+def _usage(lab: Lab) -> str:
+    n = lab.names
+    pod = PODS[0]
+    return "\n".join(
+        [
+            "namespaces: " + " ".join(n.all()),
+            f"try:  ip netns exec {n.pod(pod)} psql -h db.lab.example -U postgres orders"
+            ' -c "select inet_client_addr()"',
+            f"      ip netns exec {n.pod(pod)} curl http://web.lab.example/",
+            f"logs: {lab.statedir}/{{egressgw,postgres,httpd,dnsmasq}}.log",
+            f"stop: egressgw lab down --name {lab.state.name}",
+        ]
+    )
+
+
+def lab_demo(args: argparse.Namespace) -> int:
+    problem = _preflight()
+    if problem is None and not services.daemon_available():
+        problem = "`python -m egressgw run` is not available in this checkout"
+    if problem:
+        print(f"egressgw lab demo: {problem}", file=sys.stderr)
+        return 2
+    _sigterm_as_interrupt()
+    created = False
+    lab: Lab | None = None
+    try:
+        start = time.monotonic()
+        if is_alive(args.name):
+            lab = Lab.attach(args.name)
+            print(f"using lab {args.name!r}, which is already up")
+            if not lab.daemon_alive():
+                lab.start_daemon()
+        else:
+            lab = Lab.up(args.name, policies=args.policies)
+            created = True
+            print(f"lab {args.name!r} up after {time.monotonic() - start:.1f}s")
+        ready_s = lab.wait_daemon_ready()
+        print(f"daemon ready ({ready_s:.1f}s)\n")
+        results = demo.run_checks(lab)
+        print(demo.format_table(results))
+        failures = demo.format_failures(results)
+        passed = sum(r.ok for r in results)
+        print(f"\n{passed}/{len(results)} rows as expected")
+        if failures:
+            print(failures)
+            print(f"daemon log: {lab.daemon_log_path}")
+        return 0 if not failures else 1
+    except (LabError, ValueError) as exc:
+        print(f"egressgw lab demo: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if lab is not None and created and not args.keep:
+            lab.down()
+        elif lab is not None:
+            print(
+                f"lab {args.name!r} left up; remove it with: egressgw lab down --name {args.name}"
+            )
+
+
+def lab_status(args: argparse.Namespace) -> int:
+    try:
+        lab = Lab.attach(args.name)
+    except (LabError, ValueError) as exc:
+        leftovers = [ns for ns in NetnsNames(args.name).all() if Path("/run/netns", ns).exists()]
+        print(f"egressgw lab status: {exc}", file=sys.stderr)
+        if leftovers:
+            print(
+                f"namespaces left behind: {' '.join(leftovers)} (egressgw lab down)",
+                file=sys.stderr,
+            )
+        return 1
+    status = lab.status()
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(
+        f"lab {status['name']}: {'ready' if status['ready'] else 'NOT ready'};"
+        f" state in {status['statedir']}"
+    )
+    print("namespaces:")
+    for ns, present in status["namespaces"].items():
+        print(f"  {ns:<28} {'present' if present else 'MISSING'}")
+    print("processes:")
+    for role, info in status["processes"].items():
+        print(
+            f"  {role:<10} pid {info['pid']:<8} {'alive' if info['alive'] else 'DEAD'}"
+            f"  log {info['log']}"
+        )
+    print("addresses:")
+    for ns, lines in status["addresses"].items():
+        for line in lines:
+            if not line.startswith("lo ") or ns == lab.names.ext:
+                print(f"  {ns:<20} {' '.join(line.split())}")
+    healthy = all(status["namespaces"].values()) and all(
+        info["alive"] for info in status["processes"].values()
+    )
+    return 0 if healthy else 1
+
+
+def lab_down(args: argparse.Namespace) -> int:
+    try:
+        removed = down(args.name)
+    except (LabError, ValueError) as exc:
+        print(f"egressgw lab down: {exc}", file=sys.stderr)
+        return 1
+    if removed:
+        print("removed: " + "; ".join(removed))
+    else:
+        print(f"lab {args.name!r}: nothing to remove")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m egressgw.lab")
+    add_lab_parser(parser.add_subparsers(dest="command", required=True))
+    # ``python -m egressgw.lab up`` reads as ``egressgw lab up``.
+    args = parser.parse_args(["lab", *(sys.argv[1:] if argv is None else argv)])
+    result: int = args.func(args)
+    return result

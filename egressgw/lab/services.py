@@ -1,0 +1,343 @@
+"""The servers of the lab's external network, and the egressgw daemon on the gateway.
+
+In: the lab's state directory and namespace names. Out: running processes (each recorded with its
+pid, namespace, command line and log file) and their readiness. PostgreSQL, the HTTP echo server
+and dnsmasq run inside the external namespace, the daemon inside the gateway namespace; each is
+started in a session of its own so it outlives the ``lab up`` command, and every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from egressgw.lab import netns
+from egressgw.lab.netns import LabError
+from egressgw.lab.state import ProcessRecord
+from egressgw.lab.topology import (
+    DAEMON_HTTP_LISTEN,
+    DB_V4,
+    DB_V6,
+    DNS_CNAMES,
+    DNS_DOMAIN,
+    DNS_HOST_RECORDS,
+    DNS_PORT,
+    DNS_TTL_SECONDS,
+    DNS_V4,
+    DNS_V6,
+    HTTP_PORTS,
+    POSTGRES_ALLOWED_SOURCES,
+    POSTGRES_DATABASE,
+    POSTGRES_PORT,
+    POSTGRES_USER,
+    UPLINK_IFNAME,
+    WEB_V4,
+    WEB_V6,
+)
+
+PG_OS_USER = "postgres"
+READY_TIMEOUT_S = 20.0
+POLL_INTERVAL_S = 0.05
+
+
+def postgres_bin_dir() -> Path:
+    """The newest installed PostgreSQL server binaries (Debian layout), 15 on this platform."""
+    candidates = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/postgres"),
+        key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
+    )
+    if not candidates:
+        raise LabError(
+            "PostgreSQL server not found under /usr/lib/postgresql (apt-get install postgresql)"
+        )
+    return candidates[-1].parent
+
+
+def as_postgres(argv: Sequence[str]) -> list[str]:
+    """Run ``argv`` as the ``postgres`` OS user; setpriv execs in place, so the pid is kept."""
+    return ["setpriv", f"--reuid={PG_OS_USER}", f"--regid={PG_OS_USER}", "--init-groups", *argv]
+
+
+def spawn(
+    ns: str, argv: Sequence[str], log: Path, marker: str
+) -> tuple[subprocess.Popen[bytes], ProcessRecord]:
+    """Start ``argv`` inside ``ns`` in a new session, stdout and stderr appended to ``log``."""
+    full = netns.exec_argv(ns, argv)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            full,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+        )
+    return proc, ProcessRecord(pid=proc.pid, netns=ns, argv=full, log=str(log), marker=marker)
+
+
+def wait_until(
+    ready: Callable[[], bool],
+    what: str,
+    proc: subprocess.Popen[bytes] | None,
+    log: Path | None,
+    timeout_s: float = READY_TIMEOUT_S,
+) -> float:
+    """Poll ``ready`` until it holds; fail early if ``proc`` exits. Returns the seconds waited."""
+    start = time.monotonic()
+    deadline = start + timeout_s
+    while True:
+        if ready():
+            return time.monotonic() - start
+        if proc is not None and proc.poll() is not None:
+            raise LabError(f"{what} exited with {proc.returncode} before it was ready{_tail(log)}")
+        if time.monotonic() > deadline:
+            raise LabError(f"{what} not ready after {timeout_s:g}s{_tail(log)}")
+        time.sleep(POLL_INTERVAL_S)
+
+
+def _tail(log: Path | None, lines: int = 15) -> str:
+    if log is None:
+        return ""
+    try:
+        text = log.read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return ""
+    return f"; last lines of {log}:\n" + "\n".join(text)
+
+
+# --- PostgreSQL ---------------------------------------------------------------------------
+
+
+class Postgres:
+    """One PostgreSQL cluster in ``<statedir>/pg``, its socket in ``<statedir>/pgsock``."""
+
+    def __init__(self, statedir: Path) -> None:
+        self.bin = postgres_bin_dir()
+        self.datadir = statedir / "pg"
+        # The postgres OS user needs a directory of its own for the socket; the state
+        # directory itself stays root-owned.
+        self.sockdir = statedir / "pgsock"
+        self.log = statedir / "postgres.log"
+
+    def start_initdb(self) -> subprocess.Popen[bytes]:
+        """Begin initdb in the background (it needs no network), so it overlaps the netns work."""
+        user = pwd.getpwnam(PG_OS_USER)
+        for path in (self.datadir, self.sockdir):
+            path.mkdir(mode=0o700, exist_ok=False)
+            os.chown(path, user.pw_uid, user.pw_gid)
+        argv = as_postgres(
+            [
+                str(self.bin / "initdb"),
+                "-D",
+                str(self.datadir),
+                "-U",
+                POSTGRES_USER,
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+                "--no-instructions",
+            ]
+        )
+        with self.log.open("ab") as out:
+            return subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+            )
+
+    def finish_initdb(self, initdb: subprocess.Popen[bytes]) -> None:
+        try:
+            code = initdb.wait(timeout=60)
+        except subprocess.TimeoutExpired as exc:
+            initdb.kill()
+            initdb.wait()
+            raise LabError("initdb did not finish within 60s") from exc
+        if code != 0:
+            raise LabError(f"initdb failed with exit {code}{_tail(self.log)}")
+        hba = ["# Written by egressgw lab: only the payments project's egress IPs may connect."]
+        hba.append("local all all trust")
+        hba.extend(f"host all all {source} trust" for source in POSTGRES_ALLOWED_SOURCES)
+        (self.datadir / "pg_hba.conf").write_text("\n".join(hba) + "\n")
+
+    def argv(self) -> list[str]:
+        return as_postgres(
+            [
+                str(self.bin / "postgres"),
+                "-D",
+                str(self.datadir),
+                "-k",
+                str(self.sockdir),
+                "-p",
+                str(POSTGRES_PORT),
+                "-c",
+                f"listen_addresses={DB_V4},{DB_V6}",
+                "-c",
+                "log_connections=on",
+                "-c",
+                "log_disconnections=on",
+                "-c",
+                "log_line_prefix=%m [%p] %h ",
+                "-c",
+                "logging_collector=off",
+                # A throwaway cluster in tmpfs: durability buys nothing, start-up speed does.
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+                "-c",
+                "shared_buffers=16MB",
+                "-c",
+                "max_connections=30",
+            ]
+        )
+
+    def is_ready(self) -> bool:
+        proc = netns.run(
+            [
+                str(self.bin / "pg_isready"),
+                "-q",
+                "-h",
+                str(self.sockdir),
+                "-p",
+                str(POSTGRES_PORT),
+                "-t",
+                "1",
+            ],
+            check=False,
+            timeout=5,
+        )
+        return proc.returncode == 0
+
+    def create_database(self) -> None:
+        """The ``orders`` database with one table, over the local socket (trusted)."""
+        base = [
+            "psql",
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            str(self.sockdir),
+            "-U",
+            POSTGRES_USER,
+        ]
+        netns.run([*base, "-d", "postgres", "-c", f"CREATE DATABASE {POSTGRES_DATABASE}"])
+        netns.run(
+            [
+                *base,
+                "-d",
+                POSTGRES_DATABASE,
+                "-c",
+                "CREATE TABLE orders (id serial PRIMARY KEY, item text NOT NULL,"
+                " created_at timestamptz NOT NULL DEFAULT now());"
+                " INSERT INTO orders (item) VALUES ('lab order 1'), ('lab order 2');",
+            ]
+        )
+
+
+# --- HTTP echo server -------------------------------------------------------------------
+
+
+def httpd_argv(statedir: Path) -> list[str]:
+    argv = [sys.executable, "-m", "egressgw.lab.httpd"]
+    for address in (WEB_V4, WEB_V6):
+        argv += ["--bind", address]
+    for port in HTTP_PORTS:
+        argv += ["--port", str(port)]
+    argv += ["--log", str(statedir / "httpd.log"), "--ready-file", str(statedir / "httpd.ready")]
+    return argv
+
+
+# --- dnsmasq ------------------------------------------------------------------------------
+
+
+def dnsmasq_argv(statedir: Path) -> list[str]:
+    dnsmasq = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
+    argv = [
+        dnsmasq,
+        "--keep-in-foreground",
+        "--conf-file=/dev/null",
+        "--no-resolv",
+        "--no-hosts",
+        "--bind-interfaces",
+        f"--listen-address={DNS_V4}",
+        f"--listen-address={DNS_V6}",
+        f"--port={DNS_PORT}",
+        "--log-queries",
+        f"--log-facility={statedir / 'dnsmasq.log'}",
+        f"--pid-file={statedir / 'dnsmasq.pid'}",
+        # Stay root: the log file lives in the root-owned state directory.
+        "--user=root",
+        # Names under the lab domain that have no record get NXDOMAIN, never a forward.
+        f"--local=/{DNS_DOMAIN}/",
+        f"--local-ttl={DNS_TTL_SECONDS}",
+    ]
+    for name, addresses in DNS_HOST_RECORDS:
+        argv.append(f"--host-record={name},{','.join(addresses)},{DNS_TTL_SECONDS}")
+    for alias, target in DNS_CNAMES:
+        argv.append(f"--cname={alias},{target},{DNS_TTL_SECONDS}")
+    return argv
+
+
+# --- the egressgw daemon ----------------------------------------------------------------
+
+
+def daemon_argv(statedir: Path, extra: Sequence[str] = ()) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "egressgw",
+        "run",
+        "--manifests",
+        str(statedir / "manifests"),
+        "--uplink",
+        UPLINK_IFNAME,
+        "--http-listen",
+        DAEMON_HTTP_LISTEN,
+        *extra,
+    ]
+
+
+def daemon_healthy(gateway_ns: str, timeout_s: float = 1.0) -> bool:
+    """Whether the daemon answers /healthz with a 2xx, asked from inside the gateway namespace."""
+    proc = netns.run(
+        netns.exec_argv(
+            gateway_ns,
+            [
+                "curl",
+                "-fsS",
+                "-o",
+                "/dev/null",
+                "--max-time",
+                f"{timeout_s:g}",
+                f"http://{DAEMON_HTTP_LISTEN}/healthz",
+            ],
+        ),
+        check=False,
+        timeout=timeout_s + 5,
+    )
+    return proc.returncode == 0
+
+
+def daemon_available() -> bool:
+    """Whether ``python -m egressgw run`` exists yet in this checkout."""
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "egressgw", "run", "--help"],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return False
+    return proc.returncode == 0
