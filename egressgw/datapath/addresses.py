@@ -51,15 +51,21 @@ class UplinkAddresses:
 
     def present(self) -> set[IPAddress]:
         """Every address on the uplink right now."""
+        return set(self._prefixes())
+
+    def _prefixes(self) -> dict[IPAddress, int]:
         return {
-            ipaddress.ip_address(msg.get_attr("IFA_ADDRESS"))
+            ipaddress.ip_address(msg.get_attr("IFA_ADDRESS")): msg["prefixlen"]
             for msg in self._ipr.get_addr(index=self.index)
         }
 
     def sync(self, wanted: Iterable[IPAddress], previously: Iterable[IPAddress]) -> AddressChanges:
         """Add what is wanted and missing; remove what we added before and is no longer wanted."""
         want = set(wanted)
-        have = self.present()
+        prefixes = self._prefixes()
+        have = set(prefixes)
+        # An egress IP is always a host address; one with another prefix is the node's own.
+        ours = {a for a, length in prefixes.items() if length == a.max_prefixlen}
         changes = AddressChanges(added=[], removed=[])
         for addr in sorted(want - have, key=lambda a: (a.version, a)):
             self._ipr.addr(
@@ -70,7 +76,7 @@ class UplinkAddresses:
                 flags=IFA_F_NODAD if addr.version == 6 else 0,
             )
             changes.added.append(addr)
-        for addr in sorted((set(previously) - want) & have, key=lambda a: (a.version, a)):
+        for addr in sorted((set(previously) - want) & ours, key=lambda a: (a.version, a)):
             self._ipr.addr("del", index=self.index, address=str(addr), prefixlen=addr.max_prefixlen)
             changes.removed.append(addr)
         for addr in changes.added:
