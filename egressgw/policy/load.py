@@ -153,7 +153,7 @@ def _labels(obj: _Object, where: str, raw: Mapping[str, str] | None) -> dict[str
     labels = dict(raw or {})
     for key, value in labels.items():
         _check_label_key(obj, where, key)
-        _check_label_value(obj, f"{where}.{key}" if "." not in key else where, value)
+        _check_label_value(obj, f"{where}.{key}", value)
     return labels
 
 
@@ -471,7 +471,6 @@ def build_snapshot(objects: Iterable[tuple[str, KubeObject]]) -> tuple[Snapshot,
     problems: list[Problem] = []
     first: dict[tuple[str, str, str], str] = {}
     kept: list[KubeObject] = []
-    sources: dict[tuple[str, str, str], str] = {}
     for source, obj in objects:
         key = object_key(obj)
         if key in first:
@@ -485,7 +484,7 @@ def build_snapshot(objects: Iterable[tuple[str, KubeObject]]) -> tuple[Snapshot,
                 )
             )
             continue
-        first[key] = sources[key] = source
+        first[key] = source
         kept.append(obj)
 
     gateways: list[EgressGateway] = []
@@ -496,7 +495,7 @@ def build_snapshot(objects: Iterable[tuple[str, KubeObject]]) -> tuple[Snapshot,
             problems.append(
                 _problem_for(
                     gateway,
-                    sources[object_key(gateway)],
+                    first[object_key(gateway)],
                     f"spec.egressIPs[{index}]",
                     f'{ip} is already an egress IP of EgressGateway "{ip_owner[ip]}": give each'
                     " gateway its own egress IPs",
