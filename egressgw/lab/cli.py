@@ -136,9 +136,13 @@ def lab_demo(args: argparse.Namespace) -> int:
         else:
             lab = Lab.up(args.name, policies=args.policies)
             created = True
-            print(f"lab {args.name!r} up after {time.monotonic() - start:.1f}s")
-        ready_s = lab.wait_daemon_ready()
-        print(f"daemon ready ({ready_s:.1f}s)\n")
+            daemon_s = lab.state.timings_s.get("daemon_ready", 0.0)
+            print(
+                f"lab {args.name!r} up after {time.monotonic() - start:.1f}s"
+                f" (daemon ready {daemon_s:.1f}s after start)"
+            )
+        lab.wait_daemon_ready()
+        print()
         results = demo.run_checks(lab)
         print(demo.format_table(results))
         failures = demo.format_failures(results)
@@ -180,6 +184,9 @@ def lab_status(args: argparse.Namespace) -> int:
         f"lab {status['name']}: {'ready' if status['ready'] else 'NOT ready'};"
         f" state in {status['statedir']}"
     )
+    if status["timings_s"]:
+        phases = ", ".join(f"{k} {v:.2f}s" for k, v in status["timings_s"].items())
+        print(f"built in: {phases} (seconds since the start of `up`)")
     print("namespaces:")
     for ns, present in status["namespaces"].items():
         print(f"  {ns:<28} {'present' if present else 'MISSING'}")

@@ -15,8 +15,9 @@ import json
 import shutil
 import signal
 import subprocess
+import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import TracebackType
@@ -26,6 +27,7 @@ from egressgw.lab import netns, services
 from egressgw.lab.manifests import DEFAULT_POLICIES_DIR, write_atomically, write_manifests
 from egressgw.lab.netns import LabError
 from egressgw.lab.probes import Outcome, Verdict, classify_curl, classify_psql
+from egressgw.lab.sessions import HttpKeepAlive, PsqlSession
 from egressgw.lab.state import LabState, ProcessRecord, state_dir
 from egressgw.lab.topology import (
     BRIDGE_IFNAME,
@@ -177,11 +179,13 @@ class Lab:
     def _build(
         self, start_daemon: bool, daemon_args: Sequence[str], daemon_ready_timeout_s: float
     ) -> None:
+        start = time.monotonic()
         postgres = services.Postgres(self.statedir)
         initdb = postgres.start_initdb()
         try:
             self._build_network()
             self._write_resolv_conf()
+            self.state.timings_s["network"] = round(time.monotonic() - start, 3)
             postgres.finish_initdb(initdb)
         finally:
             if initdb.poll() is None:
@@ -197,19 +201,22 @@ class Lab:
             services.dnsmasq_argv(self.statedir),
             self.statedir / "dnsmasq.stderr",
         )
-        services.wait_until(postgres.is_ready, "postgres", self._children[POSTGRES], postgres.log)
+        services.wait_until(postgres.is_ready, "postgres", self._alive(POSTGRES), postgres.log)
         ready_file = self.statedir / "httpd.ready"
         services.wait_until(
-            ready_file.exists, "httpd", self._children[HTTPD], self.statedir / "httpd.log"
+            ready_file.exists, "httpd", self._alive(HTTPD), self.statedir / "httpd.log"
         )
         dns_log = self.statedir / "dnsmasq.log"
         services.wait_until(
-            lambda: "started" in _read(dns_log), "dnsmasq", self._children[DNSMASQ], dns_log
+            lambda: "started" in _read(dns_log), "dnsmasq", self._alive(DNSMASQ), dns_log
         )
         postgres.create_database()
+        self.state.timings_s["servers"] = round(time.monotonic() - start, 3)
         write_manifests(self.manifests_dir, Path(self.state.policies_dir))
         if start_daemon:
-            self.start_daemon(ready_timeout_s=daemon_ready_timeout_s)
+            ready_s = self.start_daemon(daemon_args, ready_timeout_s=daemon_ready_timeout_s)
+            self.state.timings_s["daemon_ready"] = round(ready_s, 3)
+        self.state.timings_s["total"] = round(time.monotonic() - start, 3)
         self.state.ready = True
         self.state.save()
 
@@ -345,27 +352,45 @@ class Lab:
     # --- the daemon ------------------------------------------------------------------------
 
     def start_daemon(
-        self, extra_args: Sequence[str] = (), ready_timeout_s: float = DAEMON_READY_TIMEOUT_S
+        self,
+        extra_args: Sequence[str] | None = None,
+        ready_timeout_s: float = DAEMON_READY_TIMEOUT_S,
     ) -> float:
-        """Run ``egressgw run`` in the gateway namespace; returns seconds until /healthz was OK."""
+        """Run ``egressgw run`` in the gateway namespace; returns seconds until it was ready.
+
+        ``extra_args`` are appended to the command line and remembered for later restarts; None
+        reuses the last ones.
+        """
         if self.daemon_alive():
             raise LabError("the daemon is already running")
+        if extra_args is not None:
+            self.state.daemon_args = list(extra_args)
         log = self.daemon_log_path
         with log.open("a") as out:
             out.write(f"--- lab: starting daemon at {time.strftime('%H:%M:%S')} ---\n")
-        self._start(
-            DAEMON, self.names.gateway, services.daemon_argv(self.statedir, extra_args), log
-        )
+        argv = services.daemon_argv(self.statedir, self.state.daemon_args)
+        self._start(DAEMON, self.names.gateway, argv, log)
         return self.wait_daemon_ready(ready_timeout_s)
 
     def wait_daemon_ready(self, timeout_s: float = DAEMON_READY_TIMEOUT_S) -> float:
+        """Seconds until /healthz and /readyz answer; fails early if the daemon exits."""
         return services.wait_until(
-            lambda: services.daemon_healthy(self.names.gateway),
+            lambda: services.daemon_ready(self.names.gateway),
             "egressgw daemon",
-            self._children.get(DAEMON),
+            self._alive(DAEMON),
             self.daemon_log_path,
             timeout_s,
         )
+
+    def _alive(self, role: str) -> Callable[[], bool]:
+        def alive() -> bool:
+            child = self._children.get(role)
+            if child is not None and child.poll() is not None:
+                return False
+            record = self.state.processes.get(role)
+            return record is not None and process_alive(record)
+
+        return alive
 
     def daemon_alive(self) -> bool:
         record = self.state.processes.get(DAEMON)
@@ -390,7 +415,7 @@ class Lab:
         self,
         *,
         kill9: bool = True,
-        extra_args: Sequence[str] = (),
+        extra_args: Sequence[str] | None = None,
         ready_timeout_s: float = DAEMON_READY_TIMEOUT_S,
     ) -> float:
         """Stop (by default ``kill -9``) and start the daemon; returns seconds until ready again."""
@@ -439,7 +464,8 @@ class Lab:
         dbname: str = POSTGRES_DATABASE,
         connect_timeout_s: int = 3,
     ) -> Outcome:
-        """Run one query with ``psql`` from a pod; the outcome carries the source the server saw."""
+        """Run one query with ``psql`` from a pod; the outcome carries the source the server saw
+        (with the default query) and psql's rows in ``output``."""
         conninfo = (
             f"host={host} port={POSTGRES_PORT} user={user} dbname={dbname}"
             f" connect_timeout={connect_timeout_s} sslmode=disable gssencmode=disable"
@@ -476,6 +502,32 @@ class Lab:
             proc = None
         return classify_curl(proc, time.monotonic() - start)
 
+    def psql_session(
+        self, pod: str, host: str = DB_V4, *, connect_timeout_s: int = 3
+    ) -> PsqlSession:
+        """An open psql session from a pod, fed queries over stdin (see ``PsqlSession``)."""
+        conninfo = (
+            f"host={host} port={POSTGRES_PORT} user={POSTGRES_USER} dbname={POSTGRES_DATABASE}"
+            f" connect_timeout={connect_timeout_s} sslmode=disable gssencmode=disable"
+        )
+        argv = ["psql", "-X", "-w", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", conninfo]
+        return PsqlSession(self._pipe(pod, argv))
+
+    def http_keepalive(self, pod: str, family: int = 4, port: int = 80) -> HttpKeepAlive:
+        """One TCP connection from a pod to the echo server, asked again on demand."""
+        host = WEB_V4 if family == 4 else WEB_V6
+        argv = [sys.executable, "-m", "egressgw.lab.keepalive", host, str(port)]
+        return HttpKeepAlive(self._pipe(pod, argv))
+
+    def _pipe(self, pod: str, argv: Sequence[str]) -> subprocess.Popen[str]:
+        return self.spawn(
+            pod,
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+
     def resolve(self, pod: str, name: str, family: int, timeout_s: float = 5.0) -> list[str]:
         """Addresses of ``name`` as the pod's resolver returns them (through the gateway)."""
         database = "ahostsv4" if family == 4 else "ahostsv6"
@@ -504,8 +556,32 @@ class Lab:
     def daemon_log_path(self) -> Path:
         return self.statedir / "egressgw.log"
 
-    def daemon_log(self) -> str:
-        return _read(self.daemon_log_path)
+    def daemon_log(self, since: int = 0) -> str:
+        """The daemon's log (all restarts appended), from byte offset ``since``."""
+        try:
+            with self.daemon_log_path.open("rb") as log:
+                log.seek(since)
+                return log.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def daemon_log_offset(self) -> int:
+        """Where the daemon's log ends now; pass it to ``wait_for_daemon_log`` as ``since``."""
+        try:
+            return self.daemon_log_path.stat().st_size
+        except OSError:
+            return 0
+
+    def wait_for_daemon_log(self, text: str, since: int = 0, timeout_s: float = 10.0) -> str:
+        """The first line after ``since`` that contains ``text``, waiting up to ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for line in self.daemon_log(since).splitlines():
+                if text in line:
+                    return line
+            if time.monotonic() > deadline:
+                raise LabError(f"daemon did not log {text!r} within {timeout_s:g}s")
+            time.sleep(0.05)
 
     def pg_log(self) -> str:
         return _read(self.statedir / "postgres.log")
@@ -566,6 +642,7 @@ class Lab:
             "name": self.state.name,
             "statedir": str(self.statedir),
             "ready": self.state.ready,
+            "timings_s": dict(self.state.timings_s),
             "namespaces": namespaces,
             "processes": processes,
             "addresses": addresses,

@@ -8,6 +8,7 @@ verdict rests on. Pure: no I/O here.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import json
 import re
 import subprocess
@@ -31,6 +32,7 @@ class Outcome:
     source: str | None  # the client address the server reported, if it reported one
     detail: str  # the message the verdict rests on
     elapsed_s: float
+    output: str = ""  # what the client printed (psql's rows, the HTTP body)
 
     def __str__(self) -> str:
         seen = f" source={self.source}" if self.source else ""
@@ -50,6 +52,14 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _network_verdict(message: str) -> Verdict | None:
     if any(word in message for word in _REJECTED):
         return Verdict.REJECTED_AT_GATEWAY
@@ -61,12 +71,17 @@ def _network_verdict(message: str) -> Verdict | None:
 
 
 def classify_psql(proc: subprocess.CompletedProcess[str] | None, elapsed_s: float) -> Outcome:
-    """``proc`` ran ``psql -A -t -c "select inet_client_addr()"``; None means it was killed."""
+    """``proc`` ran ``psql -A -t -c SQL``; None means it was killed.
+
+    ``source`` is set when the server named the client: the query's single value when that is an
+    address (``select inet_client_addr()``), or the host in pg_hba's refusal.
+    """
     if proc is None:
         return Outcome(Verdict.TIMEOUT, None, "psql killed at the outer time limit", elapsed_s)
     if proc.returncode == 0:
-        source = _last_line(proc.stdout) or None
-        return Outcome(Verdict.CONNECTED, source, "query ran", elapsed_s)
+        output = proc.stdout.strip()
+        source = output if _is_address(output) else None
+        return Outcome(Verdict.CONNECTED, source, "query ran", elapsed_s, output)
     message = proc.stderr.strip()
     hba = _PG_HBA_RE.search(message)
     if hba:
@@ -105,7 +120,7 @@ def classify_curl(proc: subprocess.CompletedProcess[str] | None, elapsed_s: floa
             return Outcome(
                 Verdict.ERROR, None, f"unexpected body: {proc.stdout[:200]!r}", elapsed_s
             )
-        return Outcome(Verdict.CONNECTED, source, "HTTP 200", elapsed_s)
+        return Outcome(Verdict.CONNECTED, source, "HTTP 200", elapsed_s, proc.stdout)
     if proc.returncode == _CURL_TIMED_OUT:
         return Outcome(Verdict.TIMEOUT, None, message, elapsed_s)
     verdict = _network_verdict(message)

@@ -85,18 +85,21 @@ def spawn(
 def wait_until(
     ready: Callable[[], bool],
     what: str,
-    proc: subprocess.Popen[bytes] | None,
+    alive: Callable[[], bool] | None,
     log: Path | None,
     timeout_s: float = READY_TIMEOUT_S,
 ) -> float:
-    """Poll ``ready`` until it holds; fail early if ``proc`` exits. Returns the seconds waited."""
+    """Poll ``ready`` until it holds; fail early once ``alive`` says the process is gone.
+
+    Returns the seconds waited.
+    """
     start = time.monotonic()
     deadline = start + timeout_s
     while True:
         if ready():
             return time.monotonic() - start
-        if proc is not None and proc.poll() is not None:
-            raise LabError(f"{what} exited with {proc.returncode} before it was ready{_tail(log)}")
+        if alive is not None and not alive():
+            raise LabError(f"{what} exited before it was ready{_tail(log)}")
         if time.monotonic() > deadline:
             raise LabError(f"{what} not ready after {timeout_s:g}s{_tail(log)}")
         time.sleep(POLL_INTERVAL_S)
@@ -308,8 +311,8 @@ def daemon_argv(statedir: Path, extra: Sequence[str] = ()) -> list[str]:
     ]
 
 
-def daemon_healthy(gateway_ns: str, timeout_s: float = 1.0) -> bool:
-    """Whether the daemon answers /healthz with a 2xx, asked from inside the gateway namespace."""
+def daemon_answers(gateway_ns: str, path: str, timeout_s: float = 1.0) -> bool:
+    """Whether the daemon answers ``path`` with a 2xx, asked from inside the gateway namespace."""
     proc = netns.run(
         netns.exec_argv(
             gateway_ns,
@@ -320,13 +323,18 @@ def daemon_healthy(gateway_ns: str, timeout_s: float = 1.0) -> bool:
                 "/dev/null",
                 "--max-time",
                 f"{timeout_s:g}",
-                f"http://{DAEMON_HTTP_LISTEN}/healthz",
+                f"http://{DAEMON_HTTP_LISTEN}{path}",
             ],
         ),
         check=False,
         timeout=timeout_s + 5,
     )
     return proc.returncode == 0
+
+
+def daemon_ready(gateway_ns: str) -> bool:
+    """/healthz (its tasks run) and /readyz (datapath adopted, manifests synced) both answer 2xx."""
+    return daemon_answers(gateway_ns, "/healthz") and daemon_answers(gateway_ns, "/readyz")
 
 
 def daemon_available() -> bool:

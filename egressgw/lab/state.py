@@ -43,6 +43,8 @@ class LabState:
     etc_netns_dirs: list[str] = field(default_factory=list)
     processes: dict[str, ProcessRecord] = field(default_factory=dict)
     policies_dir: str = ""
+    daemon_args: list[str] = field(default_factory=list)
+    timings_s: dict[str, float] = field(default_factory=dict)  # how long `up` took, by phase
     started_at: float = 0.0
     ready: bool = False
 
