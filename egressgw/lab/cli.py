@@ -185,8 +185,9 @@ def lab_status(args: argparse.Namespace) -> int:
         f" state in {status['statedir']}"
     )
     if status["timings_s"]:
-        phases = ", ".join(f"{k} {v:.2f}s" for k, v in status["timings_s"].items())
-        print(f"built in: {phases} (seconds since the start of `up`)")
+        timings = sorted(status["timings_s"].items(), key=lambda item: item[1])
+        phases = ", ".join(f"{phase} {seconds:.2f}s" for phase, seconds in timings)
+        print(f"up took: {phases} (seconds since the start of `up`, by phase)")
     print("namespaces:")
     for ns, present in status["namespaces"].items():
         print(f"  {ns:<28} {'present' if present else 'MISSING'}")
