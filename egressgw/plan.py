@@ -4,9 +4,9 @@ In: a Snapshot, the identity registry, and which egress IPs this node holds. Out
 DesiredState, the address -> Workload table the DNS interceptor uses, and notes (conflicts) for
 the log and status. Pure: no I/O, no clock.
 
-Rules of the plan:
-- a pod leaves through the gateway whose namespaceSelector and podSelector select it; when several
-  do, the one with the lowest name wins and the conflict is noted;
+Rules of the plan (selection itself is ``policy.select``'s):
+- a pod leaves through the gateway that selects it; when several do, the one with the lowest
+  name wins and the conflict is noted; an address claimed by two pods belongs to neither;
 - pods that no gateway selects are not workloads: the datapath rejects their traffic;
 - an identity is (namespace, pod labels); its CIDR rules become Allow/Deny boxes. When any
   Enforce policy selects the identity, only Enforce policies' rules are programmed; when only
@@ -19,22 +19,16 @@ Rules of the plan:
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from egressgw.datapath.state import ANY_PORT, ANY_PROTO, Box, DesiredState
 from egressgw.identity import IdentityKey, IdentityRegistry, Workload, WorkloadTable
-from egressgw.policy.model import (
-    Action,
-    EgressGateway,
-    EgressPolicy,
-    Mode,
-    PortSpec,
-    Snapshot,
-)
+from egressgw.policy.decide import deciding_policies
+from egressgw.policy.model import Action, EgressGateway, PortSpec, Snapshot
+from egressgw.policy.select import WorkloadSelection, index_workloads
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
 HeldBy = Callable[[EgressGateway, IPAddress], bool]
 
 
@@ -49,7 +43,7 @@ class Plan:
     workloads: WorkloadTable
     notes: list[str] = field(default_factory=list)
     conflicts: dict[str, list[str]] = field(default_factory=dict)  # gateway -> notes
-    identity_policies: dict[int, tuple[EgressPolicy, ...]] = field(default_factory=dict)
+    selections: dict[int, WorkloadSelection] = field(default_factory=dict)  # per identity
 
 
 def port_boxes(ports: Iterable[PortSpec]) -> list[tuple[tuple[int, int], tuple[int, int]]]:
@@ -60,38 +54,58 @@ def port_boxes(ports: Iterable[PortSpec]) -> list[tuple[tuple[int, int], tuple[i
     return [((p.protocol.number, p.protocol.number), p.port_range) for p in specs]
 
 
-def namespace_labels(snapshot: Snapshot, namespace: str) -> dict[str, str]:
-    ns = snapshot.namespaces.get(namespace)
-    labels = dict(ns.labels) if ns else {}
-    labels.setdefault(NAMESPACE_NAME_LABEL, namespace)  # as the API server sets it
-    return labels
-
-
-def effective_policies(policies: Iterable[EgressPolicy]) -> tuple[tuple[EgressPolicy, ...], bool]:
-    """The policies whose rules are programmed, and whether the identity is in Audit mode."""
-    selected = tuple(policies)
-    enforcing = tuple(p for p in selected if p.mode is Mode.ENFORCE)
-    if enforcing:
-        return enforcing, False
-    return selected, bool(selected)
-
-
 def build(snapshot: Snapshot, registry: IdentityRegistry, held: HeldBy = hold_everything) -> Plan:
     desired = DesiredState()
     plan = Plan(desired=desired, workloads=WorkloadTable())
-    gateways = sorted(snapshot.gateways, key=lambda g: g.name)
-    by_namespace: dict[str, list[EgressPolicy]] = {}
-    for policy in sorted(snapshot.policies, key=lambda p: (p.namespace, p.name)):
-        by_namespace.setdefault(policy.namespace, []).append(policy)
+    snat_of = _egress_ips(snapshot, held, desired, plan.notes)
+    index = index_workloads(snapshot)
+    for conflict in index.address_conflicts:
+        plan.notes.append(
+            f"address {conflict.address} is claimed by pods {', '.join(conflict.pods)}; "
+            "it belongs to none of them"
+        )
 
+    identities: dict[IdentityKey, int] = {}
+    workloads: dict[IPAddress, Workload] = {}
+    for address, selection in index.by_address.items():
+        pod, gateway = selection.pod, selection.gateway
+        if gateway is None:
+            continue  # not a workload: the datapath rejects its traffic
+        key = IdentityKey.of(pod.namespace, pod.labels)
+        identity = identities.get(key)
+        if identity is None:
+            identity = identities[key] = registry.number(key)
+            _program_identity(desired, identity, selection, snat_of[gateway.name])
+            plan.selections[identity] = selection
+            if selection.conflicts:
+                note = (
+                    f"pods of namespace {pod.namespace} with labels {dict(pod.labels)} are "
+                    f"selected by EgressGateways {gateway.name}, {', '.join(selection.conflicts)}; "
+                    f"using {gateway.name}"
+                )
+                plan.notes.append(note)
+                for name in (gateway.name, *selection.conflicts):
+                    plan.conflicts.setdefault(name, []).append(note)
+        workloads[address] = Workload(pod.namespace, pod.name, pod.labels, identity, gateway.name)
+        desired.workloads[address] = identity
+
+    desired.identities = registry.retain(identities)
+    plan.workloads = WorkloadTable(workloads)
+    return plan
+
+
+def _egress_ips(
+    snapshot: Snapshot, held: HeldBy, desired: DesiredState, notes: list[str]
+) -> dict[str, dict[int, IPAddress]]:
+    """Per gateway, the egress IP of each family its traffic is SNATed to on this node."""
     snat_of: dict[str, dict[int, IPAddress]] = {}
     owner_of_ip: dict[IPAddress, str] = {}
-    for gateway in gateways:
+    for gateway in sorted(snapshot.gateways, key=lambda g: g.name):
         chosen: dict[int, IPAddress] = {}
         for address in gateway.egress_ips:
             owner = owner_of_ip.setdefault(address, gateway.name)
             if owner != gateway.name:
-                plan.notes.append(
+                notes.append(
                     f"EgressGateway {gateway.name}: egress IP {address} is already used by "
                     f"EgressGateway {owner}; ignored"
                 )
@@ -100,70 +114,27 @@ def build(snapshot: Snapshot, registry: IdentityRegistry, held: HeldBy = hold_ev
                 desired.egress_ips.add(address)
                 chosen.setdefault(address.version, address)
         snat_of[gateway.name] = chosen
+    return snat_of
 
-    groups: dict[IdentityKey, list[tuple[str, Mapping[str, str], tuple[IPAddress, ...]]]] = {}
-    for pod in sorted(snapshot.pods, key=lambda p: (p.namespace, p.name)):
-        if pod.ips:
-            key = IdentityKey.of(pod.namespace, pod.labels)
-            groups.setdefault(key, []).append((pod.name, pod.labels, pod.ips))
 
-    workloads: dict[IPAddress, Workload] = {}
-    live_keys: list[IdentityKey] = []
-    for key, pods in groups.items():
-        pod_labels = dict(key.labels)
-        ns_labels = namespace_labels(snapshot, key.namespace)
-        matching = [
-            g
-            for g in gateways
-            if g.namespace_selector.matches(ns_labels) and g.pod_selector.matches(pod_labels)
-        ]
-        if not matching:
-            continue
-        gateway = matching[0]
-        if len(matching) > 1:
-            others = ", ".join(g.name for g in matching[1:])
-            note = (
-                f"pods of namespace {key.namespace} with labels {pod_labels} are selected by "
-                f"EgressGateways {gateway.name}, {others}; using {gateway.name}"
-            )
-            plan.notes.append(note)
-            for g in matching:
-                plan.conflicts.setdefault(g.name, []).append(note)
-        identity = registry.number(key)
-        live_keys.append(key)
-        selected = [
-            p for p in by_namespace.get(key.namespace, []) if p.pod_selector.matches(pod_labels)
-        ]
-        programmed, audit = effective_policies(selected)
-        plan.identity_policies[identity] = tuple(selected)
-        if audit:
-            desired.audit.add(identity)
-        if gateway.default_action is Action.ALLOW:
-            desired.default_allow.add(identity)
-        for family, address in snat_of[gateway.name].items():
-            desired.snat[family][identity] = address
-        for policy in programmed:
-            for rule in policy.egress:
-                target = desired.deny_net if rule.action is Action.DENY else desired.allow_net
-                for peer in rule.to:
-                    if peer.cidr is None:
-                        continue
+def _program_identity(
+    desired: DesiredState,
+    identity: int,
+    selection: WorkloadSelection,
+    snat: dict[int, IPAddress],
+) -> None:
+    assert selection.gateway is not None
+    programmed, audit = deciding_policies(selection.policies)
+    if audit:
+        desired.audit.add(identity)
+    if selection.gateway.default_action is Action.ALLOW:
+        desired.default_allow.add(identity)
+    for family, address in snat.items():
+        desired.snat[family][identity] = address
+    for policy in programmed:
+        for rule in policy.egress:
+            target = desired.deny_net if rule.action is Action.DENY else desired.allow_net
+            for peer in rule.to:
+                if peer.cidr is not None:
                     for proto, ports in port_boxes(rule.ports):
                         target.add(Box.of(identity, peer.cidr, proto, ports))
-        for pod_name, labels, ips in pods:
-            for address in ips:
-                if address in workloads:
-                    other = workloads[address]
-                    plan.notes.append(
-                        f"pod {key.namespace}/{pod_name} has address {address} already used by "
-                        f"pod {other.namespace}/{other.pod}; ignored"
-                    )
-                    continue
-                workloads[address] = Workload(
-                    key.namespace, pod_name, labels, identity, gateway.name
-                )
-                desired.workloads[address] = identity
-
-    desired.identities = registry.retain(live_keys)
-    plan.workloads = WorkloadTable(workloads)
-    return plan

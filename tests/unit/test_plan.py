@@ -148,3 +148,15 @@ def test_identities_of_vanished_pods_are_released() -> None:
     assert len(first.desired.identities) == 2
     gone = Snapshot(namespaces=snapshot().namespaces, gateways=snapshot().gateways)
     assert build(gone, registry).desired.identities == {}
+
+
+def test_an_address_claimed_by_two_pods_belongs_to_neither() -> None:
+    base = snapshot()
+    twin = Pod("payments", "api-9", {"app": "api"}, (IP("192.0.2.10"),))
+    clash = Snapshot(base.namespaces, (*base.pods, twin), base.gateways, base.policies)
+    plan = build(clash, IdentityRegistry())
+    assert IP("192.0.2.10") not in plan.desired.workloads
+    assert IP("192.0.2.11") in plan.desired.workloads
+    assert any(
+        "192.0.2.10 is claimed by pods payments/api-0, payments/api-9" in n for n in plan.notes
+    )
