@@ -26,14 +26,48 @@ def host_port(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
 def _run(args: argparse.Namespace) -> int:
+    from egressgw.dns.interceptor import DnsSettings
+    from egressgw.dns.wire import NXDOMAIN, REFUSED
     from egressgw.runtime import Daemon, Settings
 
+    if args.dns_listen and not args.upstream:
+        print("egressgw run: --dns-listen needs at least one --upstream", file=sys.stderr)
+        return 2
+    if args.min_ttl > args.max_ttl:
+        print("egressgw run: --min-ttl must not exceed --max-ttl", file=sys.stderr)
+        return 2
+    dns = DnsSettings(
+        min_ttl_s=args.min_ttl,
+        max_ttl_s=args.max_ttl,
+        grace_s=args.grace,
+        program_timeout_s=args.program_timeout_ms / 1000,
+        deny_rcode={"NXDOMAIN": NXDOMAIN, "REFUSED": REFUSED}[args.deny_rcode],
+        passthrough_domains=tuple(args.passthrough_domain),
+        max_addresses_per_name=args.max_addresses_per_name,
+        max_addresses_per_identity=args.max_addresses_per_identity,
+        rate_per_source_qps=args.rate_limit,
+        burst_per_source=args.rate_limit * 2,
+    )
     settings = Settings(
         uplink=args.uplink,
         manifests=Path(args.manifests),
         table=args.table,
         http_listen=args.http_listen,
+        dns_listen=tuple(args.dns_listen),
+        upstreams=tuple(args.upstream),
+        upstream_timeout_s=args.upstream_timeout_ms / 1000,
+        dns=dns,
     )
     if not settings.manifests.is_dir():
         print(f"egressgw run: --manifests {settings.manifests} is not a directory", file=sys.stderr)
@@ -75,6 +109,59 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve /healthz, /readyz and /metrics",
     )
     run.add_argument("--table", default="egressgw", help="nftables table name (inet family)")
+    dns = run.add_argument_group("DNS interceptor")
+    dns.add_argument(
+        "--dns-listen",
+        type=host_port,
+        action="append",
+        default=[],
+        metavar="ADDR:PORT",
+        help="answer workloads' DNS here (UDP and TCP)",
+    )
+    dns.add_argument(
+        "--upstream",
+        type=host_port,
+        action="append",
+        default=[],
+        metavar="ADDR:PORT",
+        help="resolver to forward allowed names to, in order",
+    )
+    dns.add_argument(
+        "--upstream-timeout-ms",
+        type=positive_int,
+        default=1000,
+        help="per-try timeout before the next upstream",
+    )
+    dns.add_argument("--min-ttl", type=positive_int, default=5, help="lowest TTL released (s)")
+    dns.add_argument("--max-ttl", type=positive_int, default=3600, help="highest TTL released (s)")
+    dns.add_argument(
+        "--grace",
+        type=positive_int,
+        default=10,
+        help="seconds a learned address outlives the TTL released with it",
+    )
+    dns.add_argument(
+        "--program-timeout-ms",
+        type=positive_int,
+        default=250,
+        help="answer SERVFAIL if programming the datapath takes longer",
+    )
+    dns.add_argument("--deny-rcode", choices=["NXDOMAIN", "REFUSED"], default="NXDOMAIN")
+    dns.add_argument(
+        "--passthrough-domain",
+        action="append",
+        default=[],
+        metavar="DOMAIN",
+        help="forward names under DOMAIN without programming (e.g. cluster.local)",
+    )
+    dns.add_argument("--max-addresses-per-name", type=positive_int, default=64)
+    dns.add_argument("--max-addresses-per-identity", type=positive_int, default=4096)
+    dns.add_argument(
+        "--rate-limit",
+        type=positive_int,
+        default=500,
+        help="queries per second per source address (burst: twice that)",
+    )
     run.set_defaults(func=_run)
 
     policy = sub.add_parser("policy", help="work with EgressGateway and EgressPolicy files")

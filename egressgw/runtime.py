@@ -11,12 +11,16 @@ import asyncio
 import logging
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from egressgw import metrics
 from egressgw.datapath.addresses import UplinkAddresses
 from egressgw.datapath.kernel import NftDatapath
+from egressgw.dns.interceptor import DnsSettings, Interceptor, PolicyView
+from egressgw.dns.names import NamePolicy
+from egressgw.dns.server import DnsServer
+from egressgw.dns.upstream import Upstream
 from egressgw.identity import IdentityRegistry, IPAddress, WorkloadTable
 from egressgw.plan import Plan, build
 from egressgw.policy.model import Snapshot
@@ -32,6 +36,10 @@ class Settings:
     manifests: Path
     table: str = "egressgw"
     http_listen: tuple[str, int] | None = None
+    dns_listen: tuple[tuple[str, int], ...] = ()
+    upstreams: tuple[tuple[str, int], ...] = ()
+    upstream_timeout_s: float = 1.0
+    dns: DnsSettings = field(default_factory=DnsSettings)
     netns: str | None = None  # tests: run the datapath inside this namespace
 
 
@@ -49,6 +57,12 @@ class Daemon:
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._addresses: UplinkAddresses | None = None
+        self.interceptor: Interceptor | None = None
+        if settings.dns_listen:
+            if not settings.upstreams:
+                raise ValueError("--dns-listen needs at least one --upstream")
+            upstream = Upstream(list(settings.upstreams), settings.upstream_timeout_s)
+            self.interceptor = Interceptor(settings.dns, upstream, self.datapath)
 
     # -- status -------------------------------------------------------------------------------
     def alive(self) -> bool:
@@ -96,6 +110,9 @@ class Daemon:
         self.held = set(wanted)
         self.workloads = plan.workloads
         self.last_plan = plan
+        if self.interceptor is not None:
+            view = PolicyView(plan.workloads, NamePolicy(plan.selections))
+            self.interceptor.update(view)  # one reference swap: the loop sees old or new
         elapsed = time.perf_counter() - started
         metrics.RECONCILE_SECONDS.observe(elapsed)
         metrics.DATAPATH_CHANGES.labels("add").inc(result.added)
@@ -158,8 +175,13 @@ class Daemon:
             host, port = self.settings.http_listen
             runner = await serve(make_app(Health(self.alive, self.not_ready_reason)), host, port)
             log.info("serving health and metrics on %s:%d", host, port)
+        dns: DnsServer | None = None
         try:
             await asyncio.to_thread(self.adopt)
+            if self.interceptor is not None:
+                await self.interceptor.upstream.start()
+                dns = DnsServer(self.interceptor, list(self.settings.dns_listen))
+                await dns.start()
             self._spawn(self._follow_source(), "follow-manifests")
             self._spawn(self._housekeeping(), "housekeeping")
             await self._stop.wait()
@@ -167,6 +189,10 @@ class Daemon:
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            if dns is not None:
+                await dns.close()
+            if self.interceptor is not None:
+                self.interceptor.upstream.close()
             if runner is not None:
                 await runner.cleanup()
             self.datapath.close()

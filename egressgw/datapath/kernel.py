@@ -17,6 +17,7 @@ Kernel facts this relies on (checked by tests/kernel/test_datapath_kernel.py on 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -74,6 +75,8 @@ class NftDatapath:
         # set -> element key -> (expiry on our clock, element); mirrors learned elements so a
         # destination that already outlives the requested lifetime costs no netlink round trip.
         self._learned: dict[str, dict[ElementKey, tuple[float, Element]]] = {}
+        # reconcile runs in a worker thread while DNS answers program from the event loop
+        self._lock = threading.RLock()
 
     @property
     def sock(self) -> NftSocket:
@@ -118,39 +121,44 @@ class NftDatapath:
         Learned elements of identities that no longer exist are removed in the same transaction.
         On failure nothing changes, in the kernel or in the mirror.
         """
-        wanted = desired.static_elements()
-        result = ReconcileResult()
-        removals: list[Change] = []
-        additions: list[Change] = []
-        for name, want in wanted.items():
-            have = self._static.get(name, {})
-            stale = [e for k, e in have.items() if k not in want or not same_element(e, want[k])]
-            fresh = [e for k, e in want.items() if k not in have or not same_element(have[k], e)]
-            if stale:
-                removals.append(Change(Op.DELETE, name, tuple(stale)))
-                result.removed += len(stale)
-            if fresh:
-                additions.append(Change(Op.ADD, name, tuple(fresh)))
-                result.added += len(fresh)
-        gone: dict[str, list[ElementKey]] = {}
-        for name in LEARNED_SETS:
-            orphans = [
-                (k, e)
-                for k, (_, e) in self._learned.get(name, {}).items()
-                if learned_identity(name, e) not in desired.identities
-            ]
-            if orphans:
-                removals.append(Change(Op.DESTROY, name, tuple(e for _, e in orphans)))
-                gone[name] = [k for k, _ in orphans]
-                result.learned_removed += len(orphans)
-        if not removals and not additions:
+        with self._lock:
+            wanted = desired.static_elements()
+            result = ReconcileResult()
+            removals: list[Change] = []
+            additions: list[Change] = []
+            for name, want in wanted.items():
+                have = self._static.get(name, {})
+                stale = [
+                    e for k, e in have.items() if k not in want or not same_element(e, want[k])
+                ]
+                fresh = [
+                    e for k, e in want.items() if k not in have or not same_element(have[k], e)
+                ]
+                if stale:
+                    removals.append(Change(Op.DELETE, name, tuple(stale)))
+                    result.removed += len(stale)
+                if fresh:
+                    additions.append(Change(Op.ADD, name, tuple(fresh)))
+                    result.added += len(fresh)
+            gone: dict[str, list[ElementKey]] = {}
+            for name in LEARNED_SETS:
+                orphans = [
+                    (k, e)
+                    for k, (_, e) in self._learned.get(name, {}).items()
+                    if learned_identity(name, e) not in desired.identities
+                ]
+                if orphans:
+                    removals.append(Change(Op.DESTROY, name, tuple(e for _, e in orphans)))
+                    gone[name] = [k for k, _ in orphans]
+                    result.learned_removed += len(orphans)
+            if not removals and not additions:
+                return result
+            self.sock.apply(removals + additions)
+            self._static = {name: dict(want) for name, want in wanted.items()}
+            for name, dropped in gone.items():
+                for key in dropped:
+                    self._learned[name].pop(key, None)
             return result
-        self.sock.apply(removals + additions)
-        self._static = {name: dict(want) for name, want in wanted.items()}
-        for name, dropped in gone.items():
-            for key in dropped:
-                self._learned[name].pop(key, None)
-        return result
 
     def program(self, learned: Iterable[Learned], lifetime_s: float) -> int:
         """Allow each learned destination for at least ``lifetime_s`` seconds from now.
@@ -158,48 +166,65 @@ class NftDatapath:
         One transaction; elements whose kernel lifetime already covers it are left alone.
         Returns the number of elements written (0 when everything was already in force).
         """
-        now = self._clock()
-        needed_until = now + lifetime_s
-        timeout_ms = max(1000, int(lifetime_s * 1000) + 999) // 1000 * 1000
-        changes: list[Change] = []
-        writes: list[tuple[str, ElementKey, Element]] = []
-        by_set: dict[str, list[Element]] = {}
-        for item in learned:
-            element = item.element(timeout_ms)
-            by_set.setdefault(item.set_name, []).append(element)
-        for name, elements in by_set.items():
-            mirror = self._learned.setdefault(name, {})
-            stale: list[Element] = []
-            fresh: list[Element] = []
-            for element in elements:
-                known = mirror.get(element.identity())
-                if known is not None and known[0] >= needed_until:
-                    continue
-                if known is not None:
-                    stale.append(element)
-                fresh.append(element)
-                writes.append((name, element.identity(), element))
-            if stale:
-                changes.append(Change(Op.DESTROY, name, tuple(stale)))
-            if fresh:
-                changes.append(Change(Op.ADD, name, tuple(fresh)))
-        if not changes:
-            return 0
-        self.sock.apply(changes)
-        expiry = now + timeout_ms / 1000.0
-        for name, key, element in writes:
-            self._learned[name][key] = (expiry, element)
-        return len(writes)
+        with self._lock:
+            now = self._clock()
+            needed_until = now + lifetime_s
+            timeout_ms = max(1000, int(lifetime_s * 1000) + 999) // 1000 * 1000
+            changes: list[Change] = []
+            writes: list[tuple[str, ElementKey, Element]] = []
+            by_set: dict[str, list[Element]] = {}
+            for item in learned:
+                element = item.element(timeout_ms)
+                by_set.setdefault(item.set_name, []).append(element)
+            for name, elements in by_set.items():
+                mirror = self._learned.setdefault(name, {})
+                stale: list[Element] = []
+                fresh: list[Element] = []
+                for element in elements:
+                    known = mirror.get(element.identity())
+                    if known is not None and known[0] >= needed_until:
+                        continue
+                    if known is not None:
+                        stale.append(element)
+                    fresh.append(element)
+                    writes.append((name, element.identity(), element))
+                if stale:
+                    changes.append(Change(Op.DESTROY, name, tuple(stale)))
+                if fresh:
+                    changes.append(Change(Op.ADD, name, tuple(fresh)))
+            if not changes:
+                return 0
+            self.sock.apply(changes)
+            expiry = now + timeout_ms / 1000.0
+            for name, key, element in writes:
+                self._learned[name][key] = (expiry, element)
+            return len(writes)
+
+    def revoke(self, learned: Iterable[Learned]) -> int:
+        """Remove learned destinations now (cap evictions); one transaction."""
+        with self._lock:
+            by_set: dict[str, list[Element]] = {}
+            for item in learned:
+                by_set.setdefault(item.set_name, []).append(item.element())
+            changes = [Change(Op.DESTROY, name, tuple(elems)) for name, elems in by_set.items()]
+            if not changes:
+                return 0
+            self.sock.apply(changes)
+            for name, elems in by_set.items():
+                for element in elems:
+                    self._learned.get(name, {}).pop(element.identity(), None)
+            return sum(len(e) for e in by_set.values())
 
     def forget_expired(self) -> int:
         """Drop mirror entries the kernel has expired; returns how many."""
-        now = self._clock()
-        dropped = 0
-        for mirror in self._learned.values():
-            for key in [k for k, (exp, _) in mirror.items() if exp <= now]:
-                del mirror[key]
-                dropped += 1
-        return dropped
+        with self._lock:
+            now = self._clock()
+            dropped = 0
+            for mirror in self._learned.values():
+                for key in [k for k, (exp, _) in mirror.items() if exp <= now]:
+                    del mirror[key]
+                    dropped += 1
+            return dropped
 
     def learned_count(self) -> int:
         return sum(len(m) for m in self._learned.values())

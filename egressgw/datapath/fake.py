@@ -1,0 +1,44 @@
+"""An in-memory stand-in for NftDatapath's element programming, for unit tests of other layers.
+
+It records what would be in force and can be told to fail or to be slow.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from egressgw.datapath.state import Learned
+
+
+class FakeDatapath:
+    def __init__(self) -> None:
+        self.learned: dict[Learned, float] = {}  # element -> lifetime asked for, seconds
+        self.batches = 0
+        self.fail_with: Exception | None = None
+        self.delay_s = 0.0
+
+    def program(self, learned: Iterable[Learned], lifetime_s: float) -> int:
+        items = list(learned)
+        if self.fail_with is not None:
+            raise self.fail_with
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        written = 0
+        for item in items:
+            if self.learned.get(item, -1) < lifetime_s:
+                self.learned[item] = lifetime_s
+                written += 1
+        if written:
+            self.batches += 1
+        return written
+
+    def revoke(self, learned: Iterable[Learned]) -> int:
+        removed = 0
+        for item in learned:
+            if self.learned.pop(item, None) is not None:
+                removed += 1
+        return removed
+
+    def allowed(self, identity: int) -> set[str]:
+        return {str(item.address) for item in self.learned if item.identity == identity}

@@ -1,0 +1,370 @@
+"""The DNS decision path: who asks, may it resolve this name, program, then answer.
+
+In: a query's bytes and its source address. Out: the bytes to send back (or None to drop).
+For an allowed name the answer's addresses (CNAME chains followed) are programmed into the
+asking identity's allowed set, with a lifetime of the released TTL plus a grace period, before
+the answer leaves; if that fails or takes longer than ``program_timeout_s`` the client gets
+SERVFAIL instead. Denied names are answered here and never forwarded. It never raises on input:
+a packet it cannot parse gets FORMERR or is dropped.
+
+The datapath call is synchronous: a netlink batch is processed by the kernel inside sendmsg, so
+it is bounded by the socket timeout, which is set to ``program_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from cachetools import TTLCache
+
+from egressgw import metrics
+from egressgw.datapath.state import Learned
+from egressgw.dns.cache import Answer, AnswerCache, prepare
+from egressgw.dns.names import NameDecision, NamePolicy, PortAtom
+from egressgw.dns.upstream import Upstream, UpstreamError
+from egressgw.dns.wire import (
+    FORMERR,
+    NOTIMP,
+    NXDOMAIN,
+    OPCODE_MASK,
+    REFUSED,
+    SERVFAIL,
+    Question,
+    WireError,
+    local_response,
+    parse_question,
+    truncated,
+)
+from egressgw.identity import Workload, WorkloadTable
+from egressgw.policy.decide import Verdict
+
+log = logging.getLogger("egressgw.dns")
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Clock = Callable[[], float]
+TYPE_NAMES = {1: "A", 28: "AAAA", 5: "CNAME", 15: "MX", 16: "TXT", 33: "SRV", 12: "PTR", 6: "SOA"}
+
+
+class Programmer(Protocol):
+    def program(self, learned: Iterable[Learned], lifetime_s: float) -> int: ...
+
+    def revoke(self, learned: Iterable[Learned]) -> int: ...
+
+
+@dataclass(frozen=True)
+class DnsSettings:
+    min_ttl_s: int = 5
+    max_ttl_s: int = 3600
+    grace_s: int = 10  # kernel elements outlive the released TTL by this much
+    program_timeout_s: float = 0.25
+    deny_rcode: int = NXDOMAIN  # or REFUSED
+    passthrough_domains: tuple[str, ...] = ()
+    max_addresses_per_name: int = 64
+    max_addresses_per_identity: int = 4096
+    rate_per_source_qps: float = 500.0
+    burst_per_source: float = 1000.0
+    cache_size: int = 65536
+
+
+@dataclass
+class PolicyView:
+    """What the interceptor needs from the latest plan."""
+
+    workloads: WorkloadTable = field(default_factory=WorkloadTable)
+    names: NamePolicy = field(default_factory=lambda: NamePolicy({}))
+
+
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """A query that needs the upstream; everything else about it is decided."""
+
+    query: bytes
+    question: Question
+    workload: Workload
+    verdict: NameDecision | None  # None: passthrough domain, nothing to program
+    udp: bool
+    label: str
+
+
+class _Budget:
+    """Addresses learned per identity, for the per-identity cap (oldest expiring evicted)."""
+
+    def __init__(self) -> None:
+        self.by_identity: dict[int, dict[IPAddress, tuple[float, tuple[PortAtom, ...]]]] = {}
+
+    def admit(
+        self,
+        identity: int,
+        addresses: Sequence[IPAddress],
+        atoms: tuple[PortAtom, ...],
+        until: float,
+        now: float,
+        cap: int,
+    ) -> list[Learned]:
+        """Record addresses; returns the elements to revoke to stay within ``cap``."""
+        known = self.by_identity.setdefault(identity, {})
+        for address in [a for a, (exp, _) in known.items() if exp <= now]:
+            del known[address]
+        for address in addresses:
+            old = known.get(address)
+            merged = tuple(sorted(set(atoms) | set(old[1]), key=str)) if old else atoms
+            known[address] = (max(until, old[0]) if old else until, merged)
+        evicted: list[Learned] = []
+        if len(known) > cap:
+            fresh = set(addresses)
+            victims = sorted((exp, str(a), a) for a, (exp, _) in known.items() if a not in fresh)
+            for _exp, _key, address in victims[: len(known) - cap]:
+                _, old_atoms = known.pop(address)
+                evicted.extend(_learned(identity, [address], old_atoms))
+        return evicted
+
+
+def _learned(
+    identity: int, addresses: Iterable[IPAddress], atoms: Iterable[PortAtom]
+) -> list[Learned]:
+    atoms = tuple(atoms)
+    return [Learned(identity, a, proto, (lo, hi)) for a in addresses for proto, lo, hi in atoms]
+
+
+class _RateLimiter:
+    def __init__(self, rate: float, burst: float, clock: Clock) -> None:
+        self.rate, self.burst, self.clock = rate, burst, clock
+        self._buckets: TTLCache[IPAddress, list[float]] = TTLCache(maxsize=65536, ttl=60)
+
+    def allow(self, source: IPAddress) -> bool:
+        now = self.clock()
+        bucket = self._buckets.get(source)
+        if bucket is None:
+            self._buckets[source] = [self.burst - 1, now]
+            return True
+        tokens = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
+        if tokens < 1:
+            bucket[1] = now
+            bucket[0] = tokens
+            return False
+        bucket[0], bucket[1] = tokens - 1, now
+        return True
+
+
+class Interceptor:
+    def __init__(
+        self,
+        settings: DnsSettings,
+        upstream: Upstream,
+        datapath: Programmer,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.upstream = upstream
+        self.datapath = datapath
+        self.clock = clock
+        self.view = PolicyView()
+        self.cache = AnswerCache(settings.cache_size)
+        self._budget = _Budget()
+        self._limiter = _RateLimiter(settings.rate_per_source_qps, settings.burst_per_source, clock)
+        self._passthrough = tuple(d.strip(".").lower() for d in settings.passthrough_domains)
+
+    def update(self, view: PolicyView) -> None:
+        self.view = view
+
+    # -- entry points ---------------------------------------------------------------------
+    async def handle(self, query: bytes, source: IPAddress, udp: bool = True) -> bytes | None:
+        """The response to one query, or None to drop it."""
+        result = self.answer_now(query, source, udp)
+        if isinstance(result, Deferred):
+            return await self.resolve(result)
+        return result
+
+    def answer_now(
+        self, query: bytes, source: IPAddress, udp: bool = True
+    ) -> bytes | Deferred | None:
+        """Everything that needs no upstream round trip, synchronously (cache hits included);
+        a ``Deferred`` when the upstream must be asked (then ``await resolve(deferred)``)."""
+        try:
+            return self._answer_now(query, source, udp)
+        except Exception:  # the server never dies of a packet
+            return self._internal_error(query, source)
+
+    async def resolve(self, deferred: Deferred) -> bytes | None:
+        try:
+            return await self._resolve(deferred)
+        except Exception:
+            return self._internal_error(deferred.query, None)
+
+    def _internal_error(self, query: bytes, source: IPAddress | None) -> bytes | None:
+        metrics.DNS_QUERIES.labels("error", "internal error").inc()
+        log.exception("dns: internal error answering %s", source or "a query")
+        try:
+            return local_response(query, None, SERVFAIL)
+        except WireError:
+            return None
+
+    def _answer_now(self, query: bytes, source: IPAddress, udp: bool) -> bytes | Deferred | None:
+        if not self._limiter.allow(source):
+            metrics.DNS_QUERIES.labels("dropped", "rate limited").inc()
+            return None
+        try:
+            question = parse_question(query)
+        except WireError as exc:
+            metrics.DNS_QUERIES.labels("formerr", "malformed query").inc()
+            log.debug("dns: malformed query from %s: %s", source, exc)
+            try:
+                return local_response(query, None, FORMERR)
+            except WireError:
+                return None
+        if question.flags & OPCODE_MASK:
+            return self._local(query, question, NOTIMP, "notimp", "opcode not supported")
+        workload = self.view.workloads.lookup(source)
+        if workload is None:
+            self._log(None, source, question, "refused", "source is not a known workload", None)
+            return self._local(query, question, REFUSED, "refused", "unknown source")
+        if self._is_passthrough(question.name):
+            deferred = Deferred(query, question, workload, None, udp, "passthrough")
+        else:
+            verdict = self.view.names.decide(workload.identity, question.name)
+            if not verdict.allowed:
+                self._log(workload, source, question, "deny", verdict.decision.reason, verdict)
+                rcode = self.settings.deny_rcode
+                return self._local(query, question, rcode, "deny", "denied by policy")
+            label = "audit" if verdict.decision.verdict is Verdict.AUDIT else "allow"
+            deferred = Deferred(query, question, workload, verdict, udp, label)
+        now = self.clock()
+        answer = self.cache.get(question.cache_key, now)
+        if answer is None:
+            metrics.DNS_CACHE.labels("miss").inc()
+            return deferred
+        metrics.DNS_CACHE.labels("hit").inc()
+        return self._release(deferred, answer, now)
+
+    # -- helpers --------------------------------------------------------------------------
+    def _local(
+        self, query: bytes, question: Question, rcode: int, verdict: str, reason: str
+    ) -> bytes:
+        metrics.DNS_QUERIES.labels(verdict, reason).inc()
+        return local_response(query, question, rcode)
+
+    def _is_passthrough(self, name: str) -> bool:
+        return any(name == d or name.endswith("." + d) for d in self._passthrough)
+
+    async def _resolve(self, d: Deferred) -> bytes:
+        question = d.question
+        try:
+            raw = await self.upstream.resolve(question, d.query)
+        except UpstreamError as exc:
+            log.warning("dns: %s %s: %s", question.name, TYPE_NAMES.get(question.qtype), exc)
+            return self._local(d.query, question, SERVFAIL, "servfail", "upstream failed")
+        now = self.clock()
+        try:
+            answer = prepare(
+                raw,
+                question,
+                now,
+                min_ttl=self.settings.min_ttl_s,
+                max_ttl=self.settings.max_ttl_s,
+                max_addresses=self.settings.max_addresses_per_name,
+            )
+        except Exception as exc:  # dnslib raises several types on bad input
+            log.warning("dns: unusable upstream answer for %s: %s", question.name, exc)
+            return self._local(d.query, question, SERVFAIL, "servfail", "bad upstream answer")
+        if answer.capped:
+            metrics.DNS_CAP_HITS.labels(d.workload.namespace, "name").inc()
+            log.warning(
+                "dns: %s answered %d addresses; %d dropped by the per-name cap of %d",
+                question.name,
+                len(answer.addresses) + answer.capped,
+                answer.capped,
+                self.settings.max_addresses_per_name,
+            )
+        self.cache.put(question.cache_key, answer)
+        return self._release(d, answer, now)
+
+    def _release(self, d: Deferred, answer: Answer, now: float) -> bytes:
+        """Program the answer's addresses for the asking identity, then hand out the answer."""
+        question = d.question
+        wire, address_ttl = answer.served(question, d.query, now)
+        programs = d.verdict is not None and d.verdict.ports and answer.addresses
+        if programs and not self._program(d.workload, answer, d.verdict.ports, address_ttl, now):  # type: ignore[union-attr]
+            return self._local(d.query, question, SERVFAIL, "servfail", "programming failed")
+        if d.verdict is not None:
+            reason = d.verdict.decision.reason
+            self._log(d.workload, None, question, d.label, reason, d.verdict, answer)
+        metrics.DNS_QUERIES.labels(d.label, "resolved").inc()
+        if d.udp and len(wire) > question.udp_size:
+            return truncated(wire, question, d.query)
+        return wire
+
+    def _program(
+        self,
+        workload: Workload,
+        answer: Answer,
+        atoms: tuple[PortAtom, ...],
+        ttl: int,
+        now: float,
+    ) -> bool:
+        lifetime = ttl + self.settings.grace_s
+        learned = _learned(workload.identity, answer.addresses, atoms)
+        evicted = self._budget.admit(
+            workload.identity,
+            answer.addresses,
+            atoms,
+            now + lifetime,
+            now,
+            self.settings.max_addresses_per_identity,
+        )
+        started = time.perf_counter()
+        try:
+            if evicted:
+                self.datapath.revoke(evicted)
+                metrics.DNS_CAP_HITS.labels(workload.namespace, "identity").inc()
+                log.warning(
+                    "dns: identity %s/%s over its cap of %d addresses; evicted %d",
+                    workload.namespace,
+                    workload.pod,
+                    self.settings.max_addresses_per_identity,
+                    len({e.address for e in evicted}),
+                )
+            written = self.datapath.program(learned, lifetime)
+        except Exception as exc:
+            metrics.DNS_PROGRAM_FAILURES.inc()
+            log.error("dns: programming %d elements failed: %s", len(learned), exc)
+            return False
+        elapsed = time.perf_counter() - started
+        if written:
+            metrics.DNS_PROGRAM_SECONDS.observe(elapsed)
+        if elapsed > self.settings.program_timeout_s:
+            metrics.DNS_PROGRAM_FAILURES.inc()
+            log.error("dns: programming took %.0f ms, over the bound", elapsed * 1000)
+            return False
+        return True
+
+    def _log(
+        self,
+        workload: Workload | None,
+        source: IPAddress | None,
+        question: Question,
+        verdict: str,
+        reason: str,
+        decision: NameDecision | None,
+        answer: Answer | None = None,
+    ) -> None:
+        level = logging.DEBUG if verdict == "allow" else logging.INFO
+        if not log.isEnabledFor(level):
+            return
+        who = f"{workload.namespace}/{workload.pod}" if workload else str(source)
+        rule = decision.decision.rule if decision else None
+        addresses = ",".join(str(a) for a in answer.addresses) if answer else ""
+        log.log(
+            level,
+            'dns decision identity=%s name=%s type=%s verdict=%s reason="%s" rule=%s addresses=%s',
+            who,
+            question.name,
+            TYPE_NAMES.get(question.qtype, str(question.qtype)),
+            verdict,
+            reason,
+            rule or "-",
+            addresses or "-",
+        )

@@ -1,0 +1,142 @@
+"""Forwarding queries to upstream resolvers.
+
+In: a client's query bytes and its parsed question. Out: the upstream's response bytes with the
+client's ID, or ``UpstreamError`` once every upstream has failed or timed out. The query is
+forwarded as it came (EDNS0 options included) under a fresh random ID; upstreams are tried in
+order, each for ``timeout_s``; a truncated UDP answer is fetched again over TCP from the same
+upstream. One connected UDP socket per upstream carries all queries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import struct
+import time
+from dataclasses import dataclass, field
+
+from egressgw import metrics
+from egressgw.dns.wire import HEADER, TC, Question, WireError, read_name
+
+log = logging.getLogger(__name__)
+Address = tuple[str, int]
+
+
+class UpstreamError(Exception):
+    pass
+
+
+def answers(question: Question, response: bytes) -> bool:
+    """Whether ``response`` carries ``question`` (same name, type and class)."""
+    try:
+        name, end = read_name(response, HEADER.size)
+        qtype, qclass = struct.unpack_from("!HH", response, end)
+    except (WireError, struct.error):
+        return False
+    return (name, qtype, qclass) == (question.name, question.qtype, question.qclass)
+
+
+@dataclass
+class _Server(asyncio.DatagramProtocol):
+    address: Address
+    pending: dict[int, tuple[Question, asyncio.Future[bytes]]] = field(default_factory=dict)
+    transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.DatagramTransport)
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: object) -> None:
+        if len(data) < HEADER.size:
+            return
+        (ident,) = struct.unpack_from("!H", data)
+        entry = self.pending.get(ident)
+        if entry is None:
+            return
+        question, future = entry
+        if not answers(question, data):  # it must be to our question, not just carry our ID
+            return
+        if not future.done():
+            future.set_result(data)
+
+    def error_received(self, exc: Exception) -> None:  # ICMP port unreachable and friends
+        for _question, future in self.pending.values():
+            if not future.done():
+                future.set_exception(UpstreamError(f"{self.label}: {exc}"))
+
+    @property
+    def label(self) -> str:
+        host, port = self.address
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Upstream:
+    def __init__(self, servers: list[Address], timeout_s: float = 1.0) -> None:
+        if not servers:
+            raise ValueError("at least one upstream is needed")
+        self.timeout_s = timeout_s
+        self._servers = [_Server(address) for address in servers]
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for server in self._servers:
+            await loop.create_datagram_endpoint(lambda s=server: s, remote_addr=server.address)  # type: ignore[misc]
+
+    def close(self) -> None:
+        for server in self._servers:
+            if server.transport is not None:
+                server.transport.close()
+
+    async def resolve(self, question: Question, query: bytes) -> bytes:
+        errors: list[str] = []
+        for server in self._servers:
+            started = time.perf_counter()
+            try:
+                response = await self._udp(server, question, query)
+                if struct.unpack_from("!H", response, 2)[0] & TC:
+                    response = await self._tcp(server, question, query)
+            except (TimeoutError, OSError, UpstreamError, WireError) as exc:
+                metrics.DNS_UPSTREAM_ERRORS.labels(server.label).inc()
+                errors.append(f"{server.label}: {exc or type(exc).__name__}")
+                continue
+            metrics.DNS_UPSTREAM_SECONDS.labels(server.label).observe(time.perf_counter() - started)
+            return struct.pack("!H", question.id) + response[2:]
+        raise UpstreamError("every upstream failed: " + "; ".join(errors))
+
+    async def _udp(self, server: _Server, question: Question, query: bytes) -> bytes:
+        if server.transport is None or server.transport.is_closing():
+            raise UpstreamError(f"{server.label}: not connected")
+        ident = secrets.randbits(16)
+        while ident in server.pending:
+            ident = secrets.randbits(16)
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        server.pending[ident] = (question, future)
+        try:
+            server.transport.sendto(struct.pack("!H", ident) + query[2:])
+            return await asyncio.wait_for(future, self.timeout_s)
+        except TimeoutError:
+            raise UpstreamError("timed out") from None
+        finally:
+            server.pending.pop(ident, None)
+
+    async def _tcp(self, server: _Server, question: Question, query: bytes) -> bytes:
+        async def exchange() -> bytes:
+            reader, writer = await asyncio.open_connection(*server.address)
+            try:
+                writer.write(struct.pack("!H", len(query)) + query)
+                await writer.drain()
+                (length,) = struct.unpack("!H", await reader.readexactly(2))
+                return await reader.readexactly(length)
+            finally:
+                writer.close()
+
+        try:
+            response = await asyncio.wait_for(exchange(), self.timeout_s)
+        except (TimeoutError, asyncio.IncompleteReadError) as exc:
+            raise UpstreamError(
+                f"{server.label}: TCP retry failed ({type(exc).__name__})"
+            ) from None
+        if not answers(question, response):
+            raise UpstreamError(f"{server.label}: TCP answer to another question")
+        return response

@@ -1,0 +1,307 @@
+"""The DNS decision path with a fake datapath and a fake upstream: what a workload would see."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+
+import pytest
+from dnslib import QTYPE, RCODE, DNSRecord
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from egressgw.datapath.fake import FakeDatapath
+from egressgw.dns.fake_upstream import FakeUpstream
+from egressgw.dns.interceptor import DnsSettings, Interceptor, PolicyView
+from egressgw.dns.names import NamePolicy
+from egressgw.dns.upstream import Upstream
+from egressgw.dns.wire import REFUSED
+from egressgw.identity import IdentityRegistry
+from egressgw.plan import build
+from egressgw.policy.model import (
+    Action,
+    EgressGateway,
+    EgressPolicy,
+    EgressRule,
+    LabelSelector,
+    Mode,
+    Namespace,
+    Peer,
+    Pod,
+    PortSpec,
+    Protocol,
+    Snapshot,
+)
+
+IP = ipaddress.ip_address
+API = IP("192.0.2.10")
+ETL = IP("192.0.2.20")
+ZONE = """
+db.lab.example. 60 A 203.0.113.10
+db.lab.example. 60 AAAA 2001:db8:203::10
+web.lab.example. 30 A 203.0.113.20
+alias.lab.example. 300 CNAME web.lab.example.
+www.cdn.lab.example. 100000 A 203.0.113.21
+short.lab.example. 0 A 203.0.113.22
+"""
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def sel(**labels: str) -> LabelSelector:
+    return LabelSelector(match_labels=tuple(sorted(labels.items())))
+
+
+def policy(
+    namespace: str,
+    app: str,
+    *peers: Peer,
+    mode: Mode = Mode.ENFORCE,
+    ports: tuple[PortSpec, ...] = (PortSpec(Protocol.TCP, 5432),),
+    action: Action = Action.ALLOW,
+) -> EgressPolicy:
+    rule = EgressRule(action=action, to=peers, ports=ports)
+    return EgressPolicy(namespace, f"{app}-policy", sel(app=app), mode, (rule,))
+
+
+def snapshot(*policies: EgressPolicy) -> Snapshot:
+    return Snapshot(
+        namespaces={
+            "payments": Namespace("payments", {"project": "payments"}),
+            "analytics": Namespace("analytics", {"project": "analytics"}),
+        },
+        pods=(
+            Pod("payments", "api-0", {"app": "api"}, (API,)),
+            Pod("analytics", "etl-0", {"app": "etl"}, (ETL,)),
+        ),
+        gateways=(
+            EgressGateway("payments", sel(project="payments"), egress_ips=(IP("198.51.100.10"),)),
+            EgressGateway("analytics", sel(project="analytics"), egress_ips=(IP("198.51.100.20"),)),
+        ),
+        policies=policies,
+    )
+
+
+DEFAULT_POLICIES = (
+    policy(
+        "payments",
+        "api",
+        Peer(fqdn="db.lab.example"),
+        Peer(fqdn_pattern="*.cdn.lab.example"),
+        Peer(fqdn="alias.lab.example"),
+        Peer(fqdn="short.lab.example"),
+    ),
+    policy("analytics", "etl", Peer(cidr=ipaddress.ip_network("203.0.113.10/32"))),
+)
+
+
+class Env:
+    def __init__(self, *policies: EgressPolicy, zone: str = ZONE, **overrides: object) -> None:
+        self.clock = Clock()
+        self.datapath = FakeDatapath()
+        self.upstream = FakeUpstream(zone)
+        dns = DnsSettings(**overrides)  # type: ignore[arg-type]
+        self.interceptor = Interceptor(dns, self.upstream, self.datapath, self.clock)  # type: ignore[arg-type]
+        plan = build(snapshot(*(policies or DEFAULT_POLICIES)), IdentityRegistry())
+        self.plan = plan
+        self.interceptor.update(PolicyView(plan.workloads, NamePolicy(plan.selections)))
+
+    def identity(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> int:
+        return self.plan.desired.workloads[address]
+
+    def ask(
+        self,
+        name: str,
+        qtype: str = "A",
+        source: ipaddress.IPv4Address | ipaddress.IPv6Address = API,
+        udp: bool = True,
+    ) -> DNSRecord:
+        raw = asyncio.run(self.interceptor.handle(self.query(name, qtype), source, udp))
+        assert raw is not None
+        return DNSRecord.parse(raw)
+
+    @staticmethod
+    def query(name: str, qtype: str = "A") -> bytes:
+        return bytes(DNSRecord.question(name, qtype).pack())
+
+
+def addresses(reply: DNSRecord) -> list[str]:
+    return [str(rr.rdata) for rr in reply.rr if rr.rtype in (QTYPE.A, QTYPE.AAAA)]
+
+
+def test_allowed_name_is_programmed_for_the_asker_before_the_answer() -> None:
+    env = Env()
+    reply = env.ask("db.lab.example")
+    assert reply.header.rcode == RCODE.NOERROR and addresses(reply) == ["203.0.113.10"]
+    api = env.identity(API)
+    assert env.datapath.allowed(api) == {"203.0.113.10"}
+    ((element, lifetime),) = env.datapath.learned.items()
+    assert (element.protocol, element.ports) == (6, (5432, 5432))
+    assert lifetime == reply.rr[0].ttl + 10  # released TTL + grace
+
+
+def test_denied_name_is_nxdomain_and_never_reaches_the_upstream() -> None:
+    env = Env()
+    reply = env.ask("db.lab.example", source=ETL)  # analytics allows the address, not the name
+    assert reply.header.rcode == RCODE.NXDOMAIN and reply.rr == []
+    assert env.upstream.asked["db.lab.example"] == 0
+    assert env.datapath.learned == {}
+
+
+def test_refused_rcode_is_configurable() -> None:
+    env = Env(deny_rcode=REFUSED)
+    assert env.ask("blocked.lab.example").header.rcode == RCODE.REFUSED
+
+
+def test_unknown_source_is_refused() -> None:
+    env = Env()
+    reply = env.ask("db.lab.example", source=IP("192.0.2.99"))
+    assert reply.header.rcode == RCODE.REFUSED
+    assert env.upstream.asked["db.lab.example"] == 0
+
+
+def test_cname_chain_opens_the_target_addresses() -> None:
+    env = Env()
+    reply = env.ask("alias.lab.example")
+    assert addresses(reply) == ["203.0.113.20"]
+    assert env.datapath.allowed(env.identity(API)) == {"203.0.113.20"}
+
+
+def test_cached_answer_counts_down_and_is_still_programmed_per_identity() -> None:
+    zone = ZONE + "\nshared.lab.example. 60 A 203.0.113.40\n"
+    shared = Peer(fqdn="shared.lab.example")
+    env = Env(policy("payments", "api", shared), policy("analytics", "etl", shared), zone=zone)
+    first = env.ask("shared.lab.example")
+    env.clock.now += 25
+    second = env.ask("shared.lab.example", source=ETL)
+    assert env.upstream.asked["shared.lab.example"] == 1
+    assert first.rr[0].ttl == 60 and second.rr[0].ttl == 35
+    assert env.datapath.allowed(env.identity(ETL)) == {"203.0.113.40"}
+    assert env.datapath.allowed(env.identity(API)) == {"203.0.113.40"}
+    env.clock.now += 40  # expired: asked again
+    env.ask("shared.lab.example")
+    assert env.upstream.asked["shared.lab.example"] == 2
+
+
+def test_ttls_are_clamped() -> None:
+    env = Env(min_ttl_s=5, max_ttl_s=3600)
+    assert env.ask("www.cdn.lab.example").rr[0].ttl == 3600
+    assert env.ask("short.lab.example").rr[0].ttl == 5
+
+
+def test_failed_programming_gives_servfail_not_the_answer() -> None:
+    env = Env()
+    env.datapath.fail_with = OSError("netlink said no")
+    reply = env.ask("db.lab.example")
+    assert reply.header.rcode == RCODE.SERVFAIL and reply.rr == []
+
+
+def test_slow_programming_gives_servfail() -> None:
+    env = Env(program_timeout_s=0.01)
+    env.datapath.delay_s = 0.05
+    assert env.ask("db.lab.example").header.rcode == RCODE.SERVFAIL
+
+
+def test_dead_upstreams_give_servfail() -> None:
+    env = Env()
+    env.upstream.fail = True
+    assert env.ask("db.lab.example").header.rcode == RCODE.SERVFAIL
+
+
+def test_many_addresses_hit_the_per_name_cap() -> None:
+    zone = "\n".join(
+        f"big.lab.example. 60 A 203.0.113.{i % 250}"
+        if i < 250
+        else f"big.lab.example. 60 A 198.51.100.{i - 250}"
+        for i in range(500)
+    )
+    env = Env(
+        policy("payments", "api", Peer(fqdn="big.lab.example")),
+        zone=zone,
+        max_addresses_per_name=64,
+    )
+    reply = env.ask("big.lab.example", udp=False)
+    assert len(addresses(reply)) == 64
+    assert env.datapath.allowed(env.identity(API)) == set(addresses(reply))
+
+
+def test_per_identity_cap_evicts_the_oldest_expiring() -> None:
+    zone = "\n".join(f"n{i}.lab.example. {100 + i} A 203.0.113.{i}" for i in range(6))
+    env = Env(
+        policy("payments", "api", Peer(fqdn_pattern="*.lab.example")),
+        zone=zone,
+        max_addresses_per_identity=4,
+    )
+    for i in range(6):
+        env.ask(f"n{i}.lab.example")
+    assert env.datapath.allowed(env.identity(API)) == {f"203.0.113.{i}" for i in range(2, 6)}
+
+
+def test_audit_mode_resolves_would_deny_names_without_programming() -> None:
+    env = Env(policy("payments", "api", Peer(fqdn="web.lab.example"), mode=Mode.AUDIT))
+    reply = env.ask("db.lab.example")
+    assert addresses(reply) == ["203.0.113.10"]
+    assert env.datapath.learned == {}
+
+
+def test_passthrough_domain_is_forwarded_without_programming() -> None:
+    zone = ZONE + "\nkube-dns.kube-system.svc.cluster.local. 30 A 192.0.2.53\n"
+    env = Env(zone=zone, passthrough_domains=("cluster.local",))
+    reply = env.ask("kube-dns.kube-system.svc.cluster.local")
+    assert addresses(reply) == ["192.0.2.53"] and env.datapath.learned == {}
+
+
+def test_udp_answer_too_big_for_the_client_is_truncated() -> None:
+    zone = "\n".join(f"wide.lab.example. 60 A 203.0.113.{i}" for i in range(60))
+    env = Env(policy("payments", "api", Peer(fqdn="wide.lab.example")), zone=zone)
+    reply = env.ask("wide.lab.example")
+    assert reply.header.tc == 1 and reply.rr == []
+    assert len(addresses(env.ask("wide.lab.example", udp=False))) == 60
+
+
+def test_rate_limit_drops_a_flood_from_one_source() -> None:
+    env = Env(rate_per_source_qps=1, burst_per_source=5)
+    results = [
+        asyncio.run(env.interceptor.handle(Env.query("blocked.lab.example"), API)) for _ in range(8)
+    ]
+    assert sum(r is None for r in results) == 3
+
+
+def test_malformed_queries_get_formerr_or_are_dropped() -> None:
+    env = Env()
+    assert asyncio.run(env.interceptor.handle(b"\x01", API)) is None
+    raw = asyncio.run(env.interceptor.handle(b"\x12\x34\x01\x00\x00\x02\x00\x00", API))
+    assert raw is not None and raw[:2] == b"\x12\x34" and raw[3] & 0x0F == 1  # FORMERR
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=600))
+def test_random_packets_never_crash_the_interceptor(packet: bytes) -> None:
+    env = FUZZ_ENV
+    response = asyncio.run(env.interceptor.handle(packet, API))
+    if response is not None:
+        assert len(response) >= 12
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(min_size=12, max_size=80), st.integers(0, 40))
+def test_mutated_queries_never_crash_the_interceptor(noise: bytes, cut: int) -> None:
+    base = bytearray(Env.query("db.lab.example"))
+    for i, byte in enumerate(noise[: len(base)]):
+        if byte % 5 == 0:
+            base[i] = byte
+    asyncio.run(FUZZ_ENV.interceptor.handle(bytes(base[: len(base) - cut]), API))
+
+
+FUZZ_ENV = Env(rate_per_source_qps=1e9, burst_per_source=1e9)
+
+
+def test_upstream_needs_a_server() -> None:
+    with pytest.raises(ValueError, match="at least one upstream"):
+        Upstream([])
