@@ -93,8 +93,20 @@ class WorkloadTable:
 
     def __init__(self, workloads: Mapping[IPAddress, Workload] | None = None) -> None:
         self._by_address: Mapping[IPAddress, Workload] = dict(workloads or {})
+        # sockets report sources as text; looking that up directly skips parsing per packet
+        self._by_text = {str(address): w for address, w in self._by_address.items()}
 
-    def lookup(self, address: IPAddress) -> Workload | None:
+    def lookup(self, address: IPAddress | str) -> Workload | None:
+        if isinstance(address, str):
+            found = self._by_text.get(address)
+            if found is not None or ("%" not in address and "::ffff:" not in address):
+                return found
+            try:
+                address = ipaddress.ip_address(address.split("%")[0])
+            except ValueError:
+                return None
+            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+                address = address.ipv4_mapped
         return self._by_address.get(address)
 
     def __len__(self) -> int:

@@ -9,6 +9,8 @@ from prometheus_client import Counter, Gauge, Histogram, Info
 
 from egressgw import __version__
 
+CounterChild = Counter  # what ``Counter.labels(...)`` returns
+
 BUILD = Info("egressgw_build", "Build information")
 BUILD.info({"version": __version__})
 

@@ -20,8 +20,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from cachetools import TTLCache
-
 from egressgw import metrics
 from egressgw.datapath.state import Learned
 from egressgw.dns.cache import Answer, AnswerCache, prepare
@@ -45,6 +43,7 @@ from egressgw.policy.decide import Verdict
 
 log = logging.getLogger("egressgw.dns")
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Source = str  # the query's source address as the socket reports it
 Clock = Callable[[], float]
 TYPE_NAMES = {1: "A", 28: "AAAA", 5: "CNAME", 15: "MX", 16: "TXT", 33: "SRV", 12: "PTR", 6: "SOA"}
 
@@ -107,13 +106,14 @@ class _Budget:
     ) -> list[Learned]:
         """Record addresses; returns the elements to revoke to stay within ``cap``."""
         known = self.by_identity.setdefault(identity, {})
-        for address in [a for a, (exp, _) in known.items() if exp <= now]:
-            del known[address]
         for address in addresses:
             old = known.get(address)
             merged = tuple(sorted(set(atoms) | set(old[1]), key=str)) if old else atoms
             known[address] = (max(until, old[0]) if old else until, merged)
         evicted: list[Learned] = []
+        if len(known) > cap:  # expired addresses go first, then the oldest expiring
+            for address in [a for a, (exp, _) in known.items() if exp <= now]:
+                del known[address]
         if len(known) > cap:
             fresh = set(addresses)
             victims = sorted((exp, str(a), a) for a, (exp, _) in known.items() if a not in fresh)
@@ -131,22 +131,27 @@ def _learned(
 
 
 class _RateLimiter:
-    def __init__(self, rate: float, burst: float, clock: Clock) -> None:
-        self.rate, self.burst, self.clock = rate, burst, clock
-        self._buckets: TTLCache[IPAddress, list[float]] = TTLCache(maxsize=65536, ttl=60)
+    """A token bucket per source address. Buckets idle for a minute are dropped in bulk."""
 
-    def allow(self, source: IPAddress) -> bool:
+    def __init__(self, rate: float, burst: float, clock: Clock, max_sources: int = 65536) -> None:
+        self.rate, self.burst, self.clock = rate, burst, clock
+        self.max_sources = max_sources
+        self._buckets: dict[Source, list[float]] = {}
+
+    def allow(self, source: Source) -> bool:
         now = self.clock()
         bucket = self._buckets.get(source)
         if bucket is None:
+            if len(self._buckets) >= self.max_sources:
+                self._buckets = {k: b for k, b in self._buckets.items() if now - b[1] < 60}
             self._buckets[source] = [self.burst - 1, now]
             return True
         tokens = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
+        bucket[1] = now
         if tokens < 1:
-            bucket[1] = now
             bucket[0] = tokens
             return False
-        bucket[0], bucket[1] = tokens - 1, now
+        bucket[0] = tokens - 1
         return True
 
 
@@ -167,21 +172,33 @@ class Interceptor:
         self._budget = _Budget()
         self._limiter = _RateLimiter(settings.rate_per_source_qps, settings.burst_per_source, clock)
         self._passthrough = tuple(d.strip(".").lower() for d in settings.passthrough_domains)
+        # (identity, question, answer stored_at) -> until when its addresses are programmed:
+        # a cache hit that is already covered costs one dict look-up, no element encoding.
+        self._programmed: dict[tuple[int, tuple[object, ...], float], float] = {}
+
+        self._counters: dict[tuple[str, str], metrics.CounterChild] = {}
+        self._cache_hit = metrics.DNS_CACHE.labels("hit")
+        self._cache_miss = metrics.DNS_CACHE.labels("miss")
+
+    def _count(self, verdict: str, reason: str) -> None:
+        child = self._counters.get((verdict, reason))
+        if child is None:
+            child = self._counters[(verdict, reason)] = metrics.DNS_QUERIES.labels(verdict, reason)
+        child.inc()
 
     def update(self, view: PolicyView) -> None:
         self.view = view
+        self._programmed.clear()  # identities may have been renumbered or removed
 
     # -- entry points ---------------------------------------------------------------------
-    async def handle(self, query: bytes, source: IPAddress, udp: bool = True) -> bytes | None:
+    async def handle(self, query: bytes, source: Source, udp: bool = True) -> bytes | None:
         """The response to one query, or None to drop it."""
         result = self.answer_now(query, source, udp)
         if isinstance(result, Deferred):
             return await self.resolve(result)
         return result
 
-    def answer_now(
-        self, query: bytes, source: IPAddress, udp: bool = True
-    ) -> bytes | Deferred | None:
+    def answer_now(self, query: bytes, source: Source, udp: bool = True) -> bytes | Deferred | None:
         """Everything that needs no upstream round trip, synchronously (cache hits included);
         a ``Deferred`` when the upstream must be asked (then ``await resolve(deferred)``)."""
         try:
@@ -195,22 +212,22 @@ class Interceptor:
         except Exception:
             return self._internal_error(deferred.query, None)
 
-    def _internal_error(self, query: bytes, source: IPAddress | None) -> bytes | None:
-        metrics.DNS_QUERIES.labels("error", "internal error").inc()
+    def _internal_error(self, query: bytes, source: Source | None) -> bytes | None:
+        self._count("error", "internal error")
         log.exception("dns: internal error answering %s", source or "a query")
         try:
             return local_response(query, None, SERVFAIL)
         except WireError:
             return None
 
-    def _answer_now(self, query: bytes, source: IPAddress, udp: bool) -> bytes | Deferred | None:
+    def _answer_now(self, query: bytes, source: Source, udp: bool) -> bytes | Deferred | None:
         if not self._limiter.allow(source):
-            metrics.DNS_QUERIES.labels("dropped", "rate limited").inc()
+            self._count("dropped", "rate limited")
             return None
         try:
             question = parse_question(query)
         except WireError as exc:
-            metrics.DNS_QUERIES.labels("formerr", "malformed query").inc()
+            self._count("formerr", "malformed query")
             log.debug("dns: malformed query from %s: %s", source, exc)
             try:
                 return local_response(query, None, FORMERR)
@@ -235,16 +252,16 @@ class Interceptor:
         now = self.clock()
         answer = self.cache.get(question.cache_key, now)
         if answer is None:
-            metrics.DNS_CACHE.labels("miss").inc()
+            self._cache_miss.inc()
             return deferred
-        metrics.DNS_CACHE.labels("hit").inc()
+        self._cache_hit.inc()
         return self._release(deferred, answer, now)
 
     # -- helpers --------------------------------------------------------------------------
     def _local(
         self, query: bytes, question: Question, rcode: int, verdict: str, reason: str
     ) -> bytes:
-        metrics.DNS_QUERIES.labels(verdict, reason).inc()
+        self._count(verdict, reason)
         return local_response(query, question, rcode)
 
     def _is_passthrough(self, name: str) -> bool:
@@ -286,13 +303,21 @@ class Interceptor:
         """Program the answer's addresses for the asking identity, then hand out the answer."""
         question = d.question
         wire, address_ttl = answer.served(question, d.query, now)
-        programs = d.verdict is not None and d.verdict.ports and answer.addresses
-        if programs and not self._program(d.workload, answer, d.verdict.ports, address_ttl, now):  # type: ignore[union-attr]
-            return self._local(d.query, question, SERVFAIL, "servfail", "programming failed")
+        if d.verdict is not None and d.verdict.ports and answer.addresses:
+            key = (d.workload.identity, question.cache_key, answer.stored_at)
+            needed = now + address_ttl + self.settings.grace_s
+            if self._programmed.get(key, 0.0) < needed:
+                if not self._program(d.workload, answer, d.verdict.ports, address_ttl, now):
+                    return self._local(
+                        d.query, question, SERVFAIL, "servfail", "programming failed"
+                    )
+                if len(self._programmed) > 4 * self.settings.cache_size:
+                    self._programmed.clear()
+                self._programmed[key] = needed
         if d.verdict is not None:
             reason = d.verdict.decision.reason
             self._log(d.workload, None, question, d.label, reason, d.verdict, answer)
-        metrics.DNS_QUERIES.labels(d.label, "resolved").inc()
+        self._count(d.label, "resolved")
         if d.udp and len(wire) > question.udp_size:
             return truncated(wire, question, d.query)
         return wire
@@ -318,6 +343,7 @@ class Interceptor:
         started = time.perf_counter()
         try:
             if evicted:
+                self._programmed.clear()  # some cached answers are no longer fully programmed
                 self.datapath.revoke(evicted)
                 metrics.DNS_CAP_HITS.labels(workload.namespace, "identity").inc()
                 log.warning(
@@ -344,7 +370,7 @@ class Interceptor:
     def _log(
         self,
         workload: Workload | None,
-        source: IPAddress | None,
+        source: Source | None,
         question: Question,
         verdict: str,
         reason: str,

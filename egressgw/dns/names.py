@@ -15,8 +15,6 @@ import itertools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from cachetools import LRUCache
-
 from egressgw.policy.decide import Decision, Verdict, decide_name, deciding_policies, name_matches
 from egressgw.policy.fqdn import InvalidName, canonical_name
 from egressgw.policy.model import Action, EgressPolicy, PortSpec
@@ -74,13 +72,16 @@ class NamePolicy:
             identity: _boundaries(deciding_policies(sel.policies)[0])
             for identity, sel in identities.items()
         }
-        self._cache: LRUCache[tuple[int, str], NameDecision] = LRUCache(maxsize=cache_size)
+        self._cache_size = cache_size
+        self._cache: dict[tuple[int, str], NameDecision] = {}  # emptied when full
 
     def decide(self, identity: int, name: str) -> NameDecision:
         key = (identity, name)
         found = self._cache.get(key)
         if found is None:
             found = self._decide(identity, name)
+            if len(self._cache) >= self._cache_size:
+                self._cache.clear()
             self._cache[key] = found
         return found
 

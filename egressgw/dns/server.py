@@ -8,7 +8,6 @@ become tasks. A TCP connection may carry many queries; it is closed after ``idle
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import struct
 from dataclasses import dataclass, field
@@ -19,11 +18,8 @@ log = logging.getLogger(__name__)
 Address = tuple[str, int]
 
 
-def _source(peer: tuple[object, ...]) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    address = ipaddress.ip_address(str(peer[0]).split("%")[0])
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
+def _source(peer: tuple[object, ...]) -> str:
+    return str(peer[0])
 
 
 class _Udp(asyncio.DatagramProtocol):
@@ -37,11 +33,7 @@ class _Udp(asyncio.DatagramProtocol):
         self.transport = transport
 
     def datagram_received(self, data: bytes, addr: tuple[object, ...]) -> None:
-        try:
-            source = _source(addr)
-        except ValueError:
-            return
-        result = self.interceptor.answer_now(data, source, udp=True)
+        result = self.interceptor.answer_now(data, _source(addr), udp=True)
         if isinstance(result, Deferred):
             task = asyncio.ensure_future(self._later(result, addr))
             self.tasks.add(task)

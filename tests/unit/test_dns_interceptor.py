@@ -122,7 +122,7 @@ class Env:
         source: ipaddress.IPv4Address | ipaddress.IPv6Address = API,
         udp: bool = True,
     ) -> DNSRecord:
-        raw = asyncio.run(self.interceptor.handle(self.query(name, qtype), source, udp))
+        raw = asyncio.run(self.interceptor.handle(self.query(name, qtype), str(source), udp))
         assert raw is not None
         return DNSRecord.parse(raw)
 
@@ -268,15 +268,16 @@ def test_udp_answer_too_big_for_the_client_is_truncated() -> None:
 def test_rate_limit_drops_a_flood_from_one_source() -> None:
     env = Env(rate_per_source_qps=1, burst_per_source=5)
     results = [
-        asyncio.run(env.interceptor.handle(Env.query("blocked.lab.example"), API)) for _ in range(8)
+        asyncio.run(env.interceptor.handle(Env.query("blocked.lab.example"), str(API)))
+        for _ in range(8)
     ]
     assert sum(r is None for r in results) == 3
 
 
 def test_malformed_queries_get_formerr_or_are_dropped() -> None:
     env = Env()
-    assert asyncio.run(env.interceptor.handle(b"\x01", API)) is None
-    raw = asyncio.run(env.interceptor.handle(b"\x12\x34\x01\x00\x00\x02\x00\x00", API))
+    assert asyncio.run(env.interceptor.handle(b"\x01", str(API))) is None
+    raw = asyncio.run(env.interceptor.handle(b"\x12\x34\x01\x00\x00\x02\x00\x00", str(API)))
     assert raw is not None and raw[:2] == b"\x12\x34" and raw[3] & 0x0F == 1  # FORMERR
 
 
@@ -284,7 +285,7 @@ def test_malformed_queries_get_formerr_or_are_dropped() -> None:
 @given(st.binary(max_size=600))
 def test_random_packets_never_crash_the_interceptor(packet: bytes) -> None:
     env = FUZZ_ENV
-    response = asyncio.run(env.interceptor.handle(packet, API))
+    response = asyncio.run(env.interceptor.handle(packet, str(API)))
     if response is not None:
         assert len(response) >= 12
 
@@ -296,7 +297,7 @@ def test_mutated_queries_never_crash_the_interceptor(noise: bytes, cut: int) -> 
     for i, byte in enumerate(noise[: len(base)]):
         if byte % 5 == 0:
             base[i] = byte
-    asyncio.run(FUZZ_ENV.interceptor.handle(bytes(base[: len(base) - cut]), API))
+    asyncio.run(FUZZ_ENV.interceptor.handle(bytes(base[: len(base) - cut]), str(API)))
 
 
 FUZZ_ENV = Env(rate_per_source_qps=1e9, burst_per_source=1e9)
