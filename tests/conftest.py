@@ -1,4 +1,4 @@
-"""Shared fixtures. Privileged tests skip without root, and fail instead of skipping when CI=true."""
+"""Shared fixtures. Privileged tests skip without root; with CI=true they fail instead."""
 
 from __future__ import annotations
 
