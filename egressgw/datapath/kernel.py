@@ -39,6 +39,10 @@ ElementKey = tuple[bytes, bytes | None]
 Clock = Callable[[], float]
 
 
+class UnknownIdentity(LookupError):
+    """Learned elements were offered for an identity the datapath does not hold."""
+
+
 @dataclass
 class ReconcileResult:
     added: int = 0
@@ -173,7 +177,12 @@ class NftDatapath:
             changes: list[Change] = []
             writes: list[tuple[str, ElementKey, Element]] = []
             by_set: dict[str, list[Element]] = {}
+            known = self._static.get("identities", {})
             for item in learned:
+                if (keys.mark(item.identity), None) not in known:
+                    # an answer resolved under an older plan: its identity is gone, and its
+                    # number may be handed to another workload; programming it would leak
+                    raise UnknownIdentity(f"identity {item.identity} is not in the datapath")
                 element = item.element(timeout_ms)
                 by_set.setdefault(item.set_name, []).append(element)
             for name, elements in by_set.items():

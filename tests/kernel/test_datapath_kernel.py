@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from egressgw.datapath import skeleton
-from egressgw.datapath.kernel import NftDatapath
+from egressgw.datapath.kernel import NftDatapath, UnknownIdentity
 from egressgw.datapath.netlink import BatchError, Change, Element, Op
 from egressgw.datapath.state import Box, DesiredState, Learned
 from tests.kernel.topology import CLIENT4, CLIENT6, NODE4, SERVER4, SERVER6, Topology, topology
@@ -145,6 +145,15 @@ def test_learned_address_opens_nothing_for_another_identity(
     assert refused(topo, SERVER4, 443)[0] == errno.EHOSTUNREACH
 
 
+def test_learned_elements_for_an_identity_the_datapath_does_not_hold_are_refused(
+    topo: Topology, datapath: NftDatapath
+) -> None:
+    datapath.reconcile(desired(allow_net=set()))
+    with pytest.raises(UnknownIdentity):
+        datapath.program([Learned(99, ipaddress.ip_address(SERVER4), 6, (443, 443))], 30)
+    assert SERVER4 not in topo.nft("list", "set", "inet", "egressgw", "allow4")
+
+
 def test_deny_rule_wins_and_audit_accepts_would_deny(topo: Topology, datapath: NftDatapath) -> None:
     deny = {Box.of(PAYMENTS, ipaddress.ip_network(f"{SERVER4}/32"), (6, 6), (5432, 5432))}
     datapath.reconcile(desired(deny_net=deny))
@@ -192,7 +201,7 @@ def test_failed_batch_leaves_previous_state(topo: Topology, datapath: NftDatapat
         )
     assert failure.value.errno == errno.ENOENT
     assert "workloads4" in str(failure.value)
-    assert "198.51.100" not in topo.nft("list", "set", "inet", "egressgw", "allow4")
+    assert SERVER4 not in topo.nft("list", "set", "inet", "egressgw", "allow4")
     assert roundtrip(topo, SERVER4, 5432) == str(EGRESS4)
 
 
