@@ -69,7 +69,7 @@ def _run(args: argparse.Namespace) -> int:
         upstream_timeout_s=args.upstream_timeout_ms / 1000,
         dns=dns,
     )
-    if not settings.manifests.is_dir():
+    if settings.manifests is None or not settings.manifests.is_dir():
         print(f"egressgw run: --manifests {settings.manifests} is not a directory", file=sys.stderr)
         return 2
     return asyncio.run(Daemon(settings).run())

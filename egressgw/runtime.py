@@ -10,9 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import threading
 import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from egressgw import metrics
 from egressgw.datapath.addresses import UplinkAddresses
@@ -23,17 +26,57 @@ from egressgw.dns.server import DnsServer
 from egressgw.dns.upstream import Upstream
 from egressgw.identity import IdentityRegistry, IPAddress, WorkloadTable
 from egressgw.plan import Plan, build
-from egressgw.policy.model import Snapshot
+from egressgw.policy.load import Problem
+from egressgw.policy.model import EgressGateway, Snapshot
 from egressgw.sources.manifests import ManifestSource
 from egressgw.web import Health, make_app, serve
 
 log = logging.getLogger("egressgw")
 
 
+class Source(Protocol):
+    """Desired state: whole Snapshots, the first once everything has been read."""
+
+    synced: asyncio.Event
+
+    def problems(self) -> list[Problem]: ...
+
+    def snapshots(self) -> AsyncIterator[Snapshot]: ...
+
+
+class Ownership(Protocol):
+    """Which egress IPs this node holds. Manifests mode holds them all (``HoldAll``)."""
+
+    def holds(self, gateway: EgressGateway, address: IPAddress) -> bool: ...
+
+    def update(self, gateways: Sequence[EgressGateway]) -> None:
+        """The gateways of the latest snapshot (which IPs exist, which nodes may hold them)."""
+
+    async def run(self, changed: Callable[[], None]) -> None:
+        """Keep ownership current; call ``changed`` when what this node holds changes."""
+
+
+class StatusSink(Protocol):
+    """Where the outcome of each apply is reported (Kubernetes: object status)."""
+
+    def report(self, snapshot: Snapshot, plan: Plan, problems: Sequence[Problem]) -> None: ...
+
+
+class HoldAll:
+    def holds(self, gateway: EgressGateway, address: IPAddress) -> bool:
+        return True
+
+    def update(self, gateways: Sequence[EgressGateway]) -> None:
+        return None
+
+    async def run(self, changed: Callable[[], None]) -> None:
+        await asyncio.Event().wait()
+
+
 @dataclass(frozen=True)
 class Settings:
     uplink: str
-    manifests: Path
+    manifests: Path | None = None
     table: str = "egressgw"
     http_listen: tuple[str, int] | None = None
     dns_listen: tuple[tuple[str, int], ...] = ()
@@ -44,10 +87,24 @@ class Settings:
 
 
 class Daemon:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        source: Source | None = None,
+        ownership: Ownership | None = None,
+        status: StatusSink | None = None,
+    ) -> None:
         self.settings = settings
         self.datapath = NftDatapath(settings.table, settings.uplink, netns=settings.netns)
-        self.source = ManifestSource(settings.manifests)
+        if source is None:
+            if settings.manifests is None:
+                raise ValueError("a source is needed: --manifests DIR or --kubernetes")
+            source = ManifestSource(settings.manifests)
+        self.source: Source = source
+        self.ownership: Ownership = ownership or HoldAll()
+        self.status = status
+        self.last_snapshot: Snapshot | None = None
+        self._apply_lock = threading.Lock()
         self.registry = IdentityRegistry()
         self.workloads = WorkloadTable()
         self.held: set[IPAddress] = set()
@@ -72,7 +129,7 @@ class Daemon:
         if not self.adopted:
             return "datapath not adopted yet"
         if not self.source.synced.is_set() or not self.applied_once:
-            return "manifests not loaded yet"
+            return "desired state not loaded yet"
         return None
 
     # -- work ---------------------------------------------------------------------------------
@@ -96,10 +153,16 @@ class Daemon:
 
     def apply(self, snapshot: Snapshot) -> Plan:
         """Plan and apply one snapshot. Addresses are added before SNAT uses them, and removed
-        only after nothing SNATs to them any more."""
+        only after nothing SNATs to them any more. Called from one worker thread at a time."""
+        with self._apply_lock:
+            return self._apply(snapshot)
+
+    def _apply(self, snapshot: Snapshot) -> Plan:
         assert self._addresses is not None
         started = time.perf_counter()
-        plan = build(snapshot, self.registry)
+        self.ownership.update(snapshot.gateways)
+        plan = build(snapshot, self.registry, self.ownership.holds)
+        self.last_snapshot = snapshot
         for note in plan.notes:
             log.warning("%s", note)
         wanted = set(plan.desired.egress_ips)
@@ -121,7 +184,13 @@ class Daemon:
         metrics.IDENTITIES.set(len(plan.desired.identities))
         metrics.EGRESS_IPS_HELD.set(len(wanted))
         metrics.PLAN_NOTES.set(len(plan.notes))
-        metrics.INVALID_MANIFESTS.set(len(self.source.problems()))
+        problems = self.source.problems()
+        metrics.INVALID_MANIFESTS.set(len(problems))
+        if self.status is not None:
+            try:
+                self.status.report(snapshot, plan, problems)
+            except Exception:  # status is a report, never a reason to stop enforcing
+                log.exception("could not report status")
         log.info(
             "applied: %d workloads, %d identities, %d egress IPs; +%d -%d elements, "
             "%d learned removed, addresses +%s -%s (%.1f ms)",
@@ -145,6 +214,25 @@ class Daemon:
             except Exception:
                 metrics.RECONCILE_ERRORS.inc()
                 log.exception("could not apply the new state; the previous one stays in force")
+
+    async def _follow_ownership(self) -> None:
+        loop = asyncio.get_running_loop()
+        pending: list[asyncio.Future[object]] = []
+
+        def changed() -> None:
+            snapshot = self.last_snapshot
+            if snapshot is None or any(not f.done() for f in pending):
+                return  # the next apply takes the change into account anyway
+            pending[:] = [loop.run_in_executor(None, self._reapply, snapshot)]
+
+        await self.ownership.run(changed)
+
+    def _reapply(self, snapshot: Snapshot) -> None:
+        try:
+            self.apply(self.last_snapshot or snapshot)
+        except Exception:
+            metrics.RECONCILE_ERRORS.inc()
+            log.exception("could not apply an egress IP ownership change")
 
     async def _housekeeping(self) -> None:
         while True:
@@ -182,7 +270,8 @@ class Daemon:
                 await self.interceptor.upstream.start()
                 dns = DnsServer(self.interceptor, list(self.settings.dns_listen))
                 await dns.start()
-            self._spawn(self._follow_source(), "follow-manifests")
+            self._spawn(self._follow_source(), "follow-source")
+            self._spawn(self._follow_ownership(), "follow-ownership")
             self._spawn(self._housekeeping(), "housekeeping")
             await self._stop.wait()
         finally:

@@ -177,9 +177,9 @@ class NftDatapath:
             changes: list[Change] = []
             writes: list[tuple[str, ElementKey, Element]] = []
             by_set: dict[str, list[Element]] = {}
-            known = self._static.get("identities", {})
+            held_identities = self._static.get("identities", {})
             for item in learned:
-                if (keys.mark(item.identity), None) not in known:
+                if (keys.mark(item.identity), None) not in held_identities:
                     # an answer resolved under an older plan: its identity is gone, and its
                     # number may be handed to another workload; programming it would leak
                     raise UnknownIdentity(f"identity {item.identity} is not in the datapath")
