@@ -44,6 +44,14 @@ class UnknownIdentity(LookupError):
 
 
 @dataclass
+class Traffic:
+    accepted_packets: int = 0
+    accepted_bytes: int = 0
+    rejected_packets: int = 0
+    rejected_bytes: int = 0
+
+
+@dataclass
 class ReconcileResult:
     added: int = 0
     removed: int = 0
@@ -234,6 +242,29 @@ class NftDatapath:
                     del mirror[key]
                     dropped += 1
             return dropped
+
+    def counters(self) -> dict[int, Traffic]:
+        """Packets and bytes toward the uplink per identity, accepted and rejected."""
+        out: dict[int, Traffic] = {}
+        for name, accepted in (("acct_accepted", True), ("acct_rejected", False)):
+            for element in self.sock.dump(name):
+                packets, octets = element.counter or (0, 0)
+                traffic = out.setdefault(keys.parse_mark(element.key), Traffic())
+                if accepted:
+                    traffic.accepted_packets, traffic.accepted_bytes = packets, octets
+                else:
+                    traffic.rejected_packets, traffic.rejected_bytes = packets, octets
+        return out
+
+    def learned_by_identity(self) -> dict[int, int]:
+        """How many learned elements each identity has in the mirror."""
+        with self._lock:
+            counts: dict[int, int] = {}
+            for name, mirror in self._learned.items():
+                for _expiry, element in mirror.values():
+                    identity = learned_identity(name, element)
+                    counts[identity] = counts.get(identity, 0) + 1
+            return counts
 
     def learned_count(self) -> int:
         return sum(len(m) for m in self._learned.values())

@@ -58,6 +58,7 @@ class Element:
     timeout_ms: int | None = None
     comment: str | None = None
     expiration_ms: int | None = None  # only set on elements read back from the kernel
+    counter: tuple[int, int] | None = None  # (packets, bytes), read back from counter sets
 
     def as_netlink(self) -> dict[str, list[object]]:
         attrs: list[object] = [["NFTA_SET_ELEM_KEY", {"attrs": [["NFTA_DATA_VALUE", self.key]]}]]
@@ -252,6 +253,19 @@ def _decode_elements(raw: bytes) -> Iterator[Element]:
         key_end = nla.get_attr("NFTA_SET_ELEM_KEY_END")
         data = nla.get_attr("NFTA_SET_ELEM_DATA")
         comment = None
+        counter = None
+        expressions = nla.get_attrs("NFTA_SET_ELEM_EXPR")
+        for listed in nla.get_attrs("NFTA_SET_ELEM_EXPRESSIONS"):
+            expressions.extend(
+                listed.get_attrs("NFTA_LIST_ELEM") if hasattr(listed, "get_attrs") else []
+            )
+        for expr in expressions:
+            if expr.get_attr("NFTA_EXPR_NAME") == "counter":
+                values = expr.get_attr("NFTA_EXPR_DATA")
+                counter = (
+                    values.get_attr("NFTA_COUNTER_PACKETS"),
+                    values.get_attr("NFTA_COUNTER_BYTES"),
+                )
         for udata_type, value in nla.get_attr("NFTA_SET_ELEM_USERDATA") or ():
             if udata_type == "NFTNL_UDATA_SET_ELEM_COMMENT":
                 comment = value.decode() if isinstance(value, bytes) else str(value)
@@ -262,4 +276,5 @@ def _decode_elements(raw: bytes) -> Iterator[Element]:
             timeout_ms=nla.get_attr("NFTA_SET_ELEM_TIMEOUT"),
             expiration_ms=nla.get_attr("NFTA_SET_ELEM_EXPIRATION"),
             comment=comment,
+            counter=counter,
         )

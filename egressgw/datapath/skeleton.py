@@ -11,6 +11,8 @@ Per packet leaving through the uplink on a new flow:
   (identity . daddr . proto . dport) in a Deny set -> reject (or log and accept in Audit);
   ... in an Allow set (learned names with timeouts, CIDR rules without) -> accept;
   identity with defaultAction Allow -> accept; Audit identity -> log, count, accept; else reject.
+  An accepted flow keeps its identity in ct mark, so later packets are counted per identity
+  (``acct_accepted``); rejected and dropped first packets count in ``acct_rejected``.
   postrouting: SNAT to the identity's egress IP of the packet's family.
 Reject is ICMP admin-prohibited so a client fails at once ("No route to host").
 """
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 
 from egressgw.datapath.netns import command
 
-SKELETON_VERSION = 1
+SKELETON_VERSION = 2
 FAMILIES = (4, 6)
 _IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
 
@@ -34,12 +36,14 @@ class SetSpec:
     key_type: str
     data_type: str | None = None
     flags: tuple[str, ...] = ()
+    counter: bool = False  # every element gets its own packet and byte counter
 
     def declaration(self, table: str) -> str:
         kind = "map" if self.data_type else "set"
         typ = f"{self.key_type} : {self.data_type}" if self.data_type else self.key_type
         flags = f" flags {','.join(self.flags)};" if self.flags else ""
-        return f"add {kind} inet {table} {self.name} {{ type {typ};{flags} }}"
+        counter = " counter;" if self.counter else ""
+        return f"add {kind} inet {table} {self.name} {{ type {typ};{flags}{counter} }}"
 
 
 def _addr(family: int) -> str:
@@ -51,6 +55,9 @@ def set_specs() -> tuple[SetSpec, ...]:
         SetSpec("identities", "mark"),  # elements carry the identity key as a comment
         SetSpec("audit", "mark"),
         SetSpec("default_allow", "mark"),
+        # per-identity accounting of the traffic toward the uplink, summed per namespace
+        SetSpec("acct_accepted", "mark", counter=True),
+        SetSpec("acct_rejected", "mark", counter=True),
     ]
     for f in FAMILIES:
         a = _addr(f)
@@ -74,6 +81,8 @@ SET_SPECS = {spec.name: spec for spec in set_specs()}
 def _forward_rules(uplink: str) -> list[str]:
     rules = [
         f'oifname != "{uplink}" return',
+        # established packets of a workload's flow are counted under the identity kept in ct mark
+        "ct state established,related ct mark @acct_accepted accept",
         "ct state established,related accept",
         "meta mark set 0",
         "meta nfproto ipv4 meta mark set ip saddr map @workloads4",
@@ -84,15 +93,37 @@ def _forward_rules(uplink: str) -> list[str]:
         nf = f"meta nfproto ipv{f}"
         tuple4 = f"meta mark . {ip} daddr . meta l4proto . th dport"
         rules += [
-            f"{nf} meta mark != @snat{f} counter drop",
+            f"{nf} meta mark != @snat{f} goto no_egress_ip",
             f"{nf} {tuple4} @deny{f}_net goto denied",
-            f"{nf} {tuple4} @allow{f} accept",
-            f"{nf} meta mark . {ip} daddr @allow{f}_any accept",
-            f"{nf} {tuple4} @allow{f}_range accept",
-            f"{nf} {tuple4} @allow{f}_net accept",
+            f"{nf} {tuple4} @allow{f} goto accepted",
+            f"{nf} meta mark . {ip} daddr @allow{f}_any goto accepted",
+            f"{nf} {tuple4} @allow{f}_range goto accepted",
+            f"{nf} {tuple4} @allow{f}_net goto accepted",
         ]
-    rules += ["meta mark @default_allow accept", "goto denied"]
+    rules += ["meta mark @default_allow goto accepted", "goto denied"]
     return rules
+
+
+CHAIN_RULES = {
+    "accepted": [
+        "ct mark set meta mark",
+        "meta mark @acct_accepted accept",
+        "accept",
+    ],
+    "denied": [
+        "meta mark @audit goto audited",
+        "meta mark @acct_rejected reject with icmpx admin-prohibited",
+        "reject with icmpx admin-prohibited",
+    ],
+    "audited": [
+        'counter log prefix "egressgw audit: "',
+        "goto accepted",
+    ],
+    "no_egress_ip": [
+        "meta mark @acct_rejected drop",
+        "drop",
+    ],
+}
 
 
 def render(table: str, uplink: str) -> str:
@@ -101,21 +132,13 @@ def render(table: str, uplink: str) -> str:
         raise ValueError(f"invalid uplink interface name {uplink!r}")
     lines = [f'add table inet {table} {{ comment "egressgw ruleset v{SKELETON_VERSION}"; }}']
     lines += [spec.declaration(table) for spec in SET_SPECS.values()]
-    chains = {
-        "forward": ("type filter hook forward priority filter; policy accept;", None),
-        "denied": (None, None),
-        "postrouting": ("type nat hook postrouting priority srcnat; policy accept;", None),
+    hooks = {
+        "forward": "type filter hook forward priority filter; policy accept;",
+        "postrouting": "type nat hook postrouting priority srcnat; policy accept;",
     }
-    for chain, (hook, _) in chains.items():
-        body = f" {{ {hook} }}" if hook else ""
-        lines.append(f"add chain inet {table} {chain}{body}")
-        lines.append(f"flush chain inet {table} {chain}")
     rules = {
         "forward": _forward_rules(uplink),
-        "denied": [
-            'meta mark @audit counter log prefix "egressgw audit: " accept',
-            "counter reject with icmpx admin-prohibited",
-        ],
+        **CHAIN_RULES,
         "postrouting": [
             f'oifname != "{uplink}" return',
             "meta mark 0 return",
@@ -123,6 +146,10 @@ def render(table: str, uplink: str) -> str:
             "meta nfproto ipv6 snat ip6 to meta mark map @snat6",
         ],
     }
+    for chain in rules:  # every chain exists and is empty before any rule jumps to one
+        hook = hooks.get(chain)
+        lines.append(f"add chain inet {table} {chain}" + (f" {{ {hook} }}" if hook else ""))
+        lines.append(f"flush chain inet {table} {chain}")
     for chain, chain_rules in rules.items():
         lines += [f"add rule inet {table} {chain} {rule}" for rule in chain_rules]
     return "\n".join(lines) + "\n"

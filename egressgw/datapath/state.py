@@ -170,6 +170,8 @@ class DesiredState:
             ],
             "audit": [Element(key=keys.mark(i)) for i in self.audit],
             "default_allow": [Element(key=keys.mark(i)) for i in self.default_allow],
+            "acct_accepted": [Element(key=keys.mark(i)) for i in self.identities],
+            "acct_rejected": [Element(key=keys.mark(i)) for i in self.identities],
         }
         for f in (4, 6):
             out[f"workloads{f}"] = [

@@ -161,7 +161,7 @@ def test_deny_rule_wins_and_audit_accepts_would_deny(topo: Topology, datapath: N
     datapath.reconcile(desired(deny_net=deny, audit={PAYMENTS}))
     assert roundtrip(topo, SERVER4, 5432) == str(EGRESS4)
     assert roundtrip(topo, SERVER4, 8080) == str(EGRESS4)
-    assert "counter packets 2" in topo.nft("list", "chain", "inet", "egressgw", "denied")
+    assert "counter packets 2" in topo.nft("list", "chain", "inet", "egressgw", "audited")
 
 
 def test_default_allow_gateway_accepts_everything(topo: Topology, datapath: NftDatapath) -> None:
@@ -242,3 +242,33 @@ def test_ruleset_size_does_not_grow_with_workloads(topo: Topology, datapath: Nft
     datapath.reconcile(big)
     assert rules() == with_one == skeleton.rule_count("egressgw", "up0")
     assert datapath.static_count("workloads4") == 100_001
+
+
+def test_traffic_is_counted_per_identity_accepted_and_rejected(
+    topo: Topology, datapath: NftDatapath
+) -> None:
+    datapath.reconcile(desired())
+    roundtrip(topo, SERVER4, 5432)
+    roundtrip(topo, SERVER6, 5432)
+    refused(topo, SERVER4, 8080)
+    counts = datapath.counters()[PAYMENTS]
+    # two connections (SYN, ACK, data, FIN, ... toward the server): several packets each
+    assert counts.accepted_packets >= 6 and counts.accepted_bytes > 300
+    assert counts.rejected_packets == 1 and counts.rejected_bytes >= 40
+
+
+def test_skeleton_upgrade_keeps_the_elements_of_an_older_table(
+    topo: Topology, datapath: NftDatapath
+) -> None:
+    datapath.reconcile(desired())
+    datapath.program([Learned(PAYMENTS, ipaddress.ip_address(SERVER4), 6, (443, 443))], 60)
+    established = topo.connect(SERVER4, 5432)
+    # reload the skeleton over the live table, as a daemon of a newer version does at start
+    skeleton.load("egressgw", "up0", topo.gateway)
+    again = NftDatapath("egressgw", "up0", netns=topo.gateway)
+    assert again.adopt().learned == 1
+    assert again.reconcile(desired()).changed is False
+    established.sendall(b"x\n")
+    assert established.recv(8) == b"x\n"
+    assert roundtrip(topo, SERVER4, 443) == str(EGRESS4)
+    again.close()
