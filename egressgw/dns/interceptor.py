@@ -16,6 +16,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -67,6 +68,7 @@ class DnsSettings:
     rate_per_source_qps: float = 500.0
     burst_per_source: float = 1000.0
     cache_size: int = 65536
+    recent_denials: int = 256  # how many denials /v1/decisions can show
 
 
 @dataclass
@@ -75,6 +77,48 @@ class PolicyView:
 
     workloads: WorkloadTable = field(default_factory=WorkloadTable)
     names: NamePolicy = field(default_factory=lambda: NamePolicy({}))
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionRecord:
+    """One DNS decision, as logged and as served by the recent-denials API."""
+
+    time: float  # wall clock, seconds since the epoch
+    namespace: str | None
+    pod: str | None
+    source: str | None  # set when the asker is not a known workload
+    name: str
+    qtype: str
+    verdict: str
+    reason: str
+    rule: str | None
+    addresses: tuple[str, ...] = ()
+
+    @property
+    def identity(self) -> str:
+        return f"{self.namespace}/{self.pod}" if self.namespace else str(self.source)
+
+    def line(self) -> str:
+        return (
+            f"dns decision identity={self.identity} name={self.name} type={self.qtype} "
+            f'verdict={self.verdict} reason="{self.reason}" rule={self.rule or "-"} '
+            f"addresses={','.join(self.addresses) or '-'}"
+        )
+
+    def fields(self) -> dict[str, object]:
+        return {
+            "event": "dns decision",
+            "identity": self.identity,
+            "namespace": self.namespace,
+            "pod": self.pod,
+            "source": self.source,
+            "name": self.name,
+            "type": self.qtype,
+            "verdict": self.verdict,
+            "reason": self.reason,
+            "rule": self.rule,
+            "addresses": list(self.addresses),
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +219,7 @@ class Interceptor:
         # (identity, question, answer stored_at) -> until when its addresses are programmed:
         # a cache hit that is already covered costs one dict look-up, no element encoding.
         self._programmed: dict[tuple[int, tuple[object, ...], float], float] = {}
+        self.recent_denials: deque[DecisionRecord] = deque(maxlen=settings.recent_denials)
 
         self._counters: dict[tuple[str, str], metrics.CounterChild] = {}
         self._cache_hit = metrics.DNS_CACHE.labels("hit")
@@ -377,20 +422,25 @@ class Interceptor:
         decision: NameDecision | None,
         answer: Answer | None = None,
     ) -> None:
+        """The one canonical line per decision; denials are also kept in ``recent_denials``."""
         level = logging.DEBUG if verdict == "allow" else logging.INFO
-        if not log.isEnabledFor(level):
+        denied = verdict in ("deny", "refused")
+        if not denied and not log.isEnabledFor(level):
             return
-        who = f"{workload.namespace}/{workload.pod}" if workload else str(source)
         rule = decision.decision.rule if decision else None
-        addresses = ",".join(str(a) for a in answer.addresses) if answer else ""
-        log.log(
-            level,
-            'dns decision identity=%s name=%s type=%s verdict=%s reason="%s" rule=%s addresses=%s',
-            who,
-            question.name,
-            TYPE_NAMES.get(question.qtype, str(question.qtype)),
-            verdict,
-            reason,
-            rule or "-",
-            addresses or "-",
+        record = DecisionRecord(
+            time=time.time(),
+            namespace=workload.namespace if workload else None,
+            pod=workload.pod if workload else None,
+            source=str(source) if source is not None else None,
+            name=question.name,
+            qtype=TYPE_NAMES.get(question.qtype, str(question.qtype)),
+            verdict=verdict,
+            reason=reason,
+            rule=str(rule) if rule else None,
+            addresses=tuple(str(a) for a in answer.addresses) if answer else (),
         )
+        if denied:
+            self.recent_denials.append(record)
+        if log.isEnabledFor(level):
+            log.log(level, "%s", record.line(), extra={"decision": record.fields()})

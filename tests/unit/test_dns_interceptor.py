@@ -306,3 +306,25 @@ FUZZ_ENV = Env(rate_per_source_qps=1e9, burst_per_source=1e9)
 def test_upstream_needs_a_server() -> None:
     with pytest.raises(ValueError, match="at least one upstream"):
         Upstream([])
+
+
+def test_denials_are_kept_for_the_api_and_logged_as_one_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    env = Env(recent_denials=2)
+    with caplog.at_level("INFO", logger="egressgw.dns"):
+        for name in ("a.lab.example", "b.lab.example", "blocked.lab.example"):
+            env.ask(name, source=ETL)
+        env.ask("db.lab.example", source=IP("192.0.2.99"))
+    assert [r.name for r in env.interceptor.recent_denials] == [
+        "blocked.lab.example",
+        "db.lab.example",
+    ]
+    last = env.interceptor.recent_denials[-1]
+    assert (last.verdict, last.source, last.namespace) == ("refused", "192.0.2.99", None)
+    lines = [r.getMessage() for r in caplog.records if "dns decision" in r.getMessage()]
+    assert lines[2].startswith(
+        "dns decision identity=analytics/etl-0 name=blocked.lab.example type=A verdict=deny"
+    )
+    assert 'reason="no rule matches' in lines[2]
+    assert caplog.records[0].decision["namespace"] == "analytics"  # type: ignore[attr-defined]
