@@ -6,11 +6,16 @@ import argparse
 import asyncio
 import ipaddress
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from egressgw import __version__
+
+if TYPE_CHECKING:
+    from egressgw.runtime import Settings
 
 
 def host_port(text: str) -> tuple[str, int]:
@@ -61,18 +66,55 @@ def _run(args: argparse.Namespace) -> int:
     )
     settings = Settings(
         uplink=args.uplink,
-        manifests=Path(args.manifests),
+        manifests=Path(args.manifests) if args.manifests else None,
         table=args.table,
         http_listen=args.http_listen,
         dns_listen=tuple(args.dns_listen),
         upstreams=tuple(args.upstream),
         upstream_timeout_s=args.upstream_timeout_ms / 1000,
         dns=dns,
+        netns=args.netns,
     )
+    if args.kubernetes:
+        return _run_kubernetes(args, settings)
     if settings.manifests is None or not settings.manifests.is_dir():
         print(f"egressgw run: --manifests {settings.manifests} is not a directory", file=sys.stderr)
         return 2
     return asyncio.run(Daemon(settings).run())
+
+
+def _run_kubernetes(args: argparse.Namespace, settings: Settings) -> int:
+    """The daemon fed by the API server: watches, Lease ownership and status writes."""
+    from egressgw.kube.api import KubeError, api_client
+    from egressgw.kube.leases import LeaseOwnership, LeaseTiming
+    from egressgw.kube.source import KubeSource
+    from egressgw.kube.status import StatusWriter
+    from egressgw.runtime import Daemon
+
+    if not args.node_name:
+        print("egressgw run: --kubernetes needs --node-name (or NODE_NAME)", file=sys.stderr)
+        return 2
+    try:
+        api = api_client(Path(args.kubeconfig) if args.kubeconfig else None)
+    except KubeError as exc:
+        print(f"egressgw run: {exc}", file=sys.stderr)
+        return 2
+    source = KubeSource(api, args.node_name)
+    ownership = LeaseOwnership(
+        api,
+        args.lease_namespace,
+        args.node_name,
+        source.node_labels,
+        LeaseTiming(args.lease_duration),
+    )
+    status = StatusWriter(api, source, ownership.holders)
+    ownership.on_holders_changed = status.poke  # a new holder shows in EgressGateway status
+    status.start()
+    try:
+        return asyncio.run(Daemon(settings, source, ownership, status).run())
+    finally:
+        status.stop()
+        source.stop()
 
 
 def _policy_check(args: argparse.Namespace) -> int:
@@ -90,11 +132,46 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the gateway daemon")
-    run.add_argument(
+    mode = run.add_mutually_exclusive_group(required=True)
+    mode.add_argument(
         "--manifests",
-        required=True,
         metavar="DIR",
         help="directory of Namespace, Pod, EgressGateway and EgressPolicy YAML",
+    )
+    mode.add_argument(
+        "--kubernetes",
+        action="store_true",
+        help="read the objects from the API server, write status, hold egress IPs by Lease",
+    )
+    kube = run.add_argument_group("Kubernetes mode")
+    kube.add_argument(
+        "--kubeconfig",
+        metavar="PATH",
+        help="kubeconfig file (default: the in-cluster service account)",
+    )
+    kube.add_argument(
+        "--node-name",
+        default=os.environ.get("NODE_NAME"),
+        metavar="NAME",
+        help="this node's name, for Leases and nodeSelectors (default: $NODE_NAME)",
+    )
+    kube.add_argument(
+        "--lease-namespace",
+        default="egressgw-system",
+        metavar="NS",
+        help="namespace of the egress IP Leases",
+    )
+    kube.add_argument(
+        "--lease-duration",
+        type=positive_int,
+        default=10,
+        metavar="SECONDS",
+        help="an egress IP moves to another node within this time after its holder fails",
+    )
+    run.add_argument(
+        "--netns",
+        metavar="NAME",
+        help="for tests and labs only: program the datapath in this network namespace",
     )
     run.add_argument(
         "--uplink",
