@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -74,6 +73,7 @@ def _run(args: argparse.Namespace) -> int:
         upstream_timeout_s=args.upstream_timeout_ms / 1000,
         dns=dns,
         netns=args.netns,
+        node_name=args.node_name or "",
     )
     if args.kubernetes:
         return _run_kubernetes(args, settings)
@@ -128,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"egressgw {__version__}")
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="json: one object per line (time, level, logger, message, decision fields)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -247,6 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("paths", nargs="+", metavar="PATH")
     check.set_defaults(func=_policy_check)
 
+    from egressgw.tools import add_parsers as add_operator_parsers
+
+    add_operator_parsers(sub)
+
     try:
         from egressgw.lab.cli import add_lab_parser
     except ImportError:  # the lab is optional at run time (e.g. in the container image)
@@ -258,10 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from egressgw.logs import configure
+
+    configure(args.log_level, args.log_format)
     result: int = args.func(args)
     return result

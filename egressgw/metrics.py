@@ -1,13 +1,35 @@
 """Every Prometheus metric egressgw exports, defined in one place.
 
-Workload labels are limited to ``namespace``: never a pod, a DNS name or an address.
+In: updates from the daemon, the DNS interceptor and (on each scrape) a ``GatewayReport`` that
+the runtime assembles from the kernel. Out: the default ``prometheus_client`` registry.
+
+Workload labels are limited to ``namespace``: never a pod, a DNS name or an address, so the
+number of series grows with namespaces, not with traffic. The only addresses in labels are
+egress IPs, which the platform admin lists in EgressGateways (a handful per gateway), and the
+configured upstream resolvers. This module imports nothing of egressgw but the version, so every
+layer may use it.
+
+Kernel-derived values (learned elements, traffic counters, egress IP holders, policy counts) are
+produced by ``GatewayCollector`` at scrape time rather than copied into gauges by a background
+task: the kernel counters are the truth and are already cumulative, so reading them when
+Prometheus asks gives exact values with no second copy to drift and no timer to tune, and they
+are exposed as real counters so ``rate()`` works. ``TrafficTotals`` keeps each namespace's sums
+monotonic when an identity (and its kernel counter) goes away or its number is reused.
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, Info
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Info
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from egressgw import __version__
+
+log = logging.getLogger("egressgw.metrics")
 
 CounterChild = Counter  # what ``Counter.labels(...)`` returns
 
@@ -60,3 +82,171 @@ DNS_CAP_HITS = Counter(
     "Address caps hit (per name: records dropped; per identity: oldest evicted)",
     ["namespace", "cap"],
 )
+DNS_ADDRESS_CAPS = Gauge(
+    "egressgw_dns_address_cap",
+    "Configured address caps (per name: records kept per answer; per identity: learned addresses)",
+    ["cap"],
+)
+
+
+# -- scrape-time values from the kernel and the last plan ---------------------------------------
+
+
+@dataclass(frozen=True)
+class TrafficSample:
+    """Cumulative kernel counters of one identity (packets and bytes toward the uplink)."""
+
+    accepted_packets: int = 0
+    accepted_bytes: int = 0
+    rejected_packets: int = 0
+    rejected_bytes: int = 0
+
+    def values(self) -> tuple[int, int, int, int]:
+        return (
+            self.accepted_packets,
+            self.accepted_bytes,
+            self.rejected_packets,
+            self.rejected_bytes,
+        )
+
+
+@dataclass(frozen=True)
+class EgressIPState:
+    gateway: str
+    address: str
+    held: bool
+
+
+@dataclass
+class GatewayReport:
+    """What the runtime knows at scrape time. Keys are namespaces unless said otherwise."""
+
+    node: str = ""
+    learned_elements: Mapping[str, int] = field(default_factory=dict)
+    traffic: Mapping[int, tuple[str, TrafficSample]] = field(default_factory=dict)  # identity ->
+    egress_ips: Iterable[EgressIPState] = ()
+    policies: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (namespace, mode) ->
+    invalid_objects: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (kind, ns) ->
+
+
+class TrafficTotals:
+    """Per-namespace sums of per-identity kernel counters that never go backwards.
+
+    When an identity disappears, or its counter restarts (the identity was removed and its
+    number reused), what it had counted is kept in its namespace's ``retired`` sum.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[int, tuple[str, TrafficSample]] = {}
+        self._retired: dict[str, tuple[int, int, int, int]] = {}
+
+    def _retire(self, namespace: str, sample: TrafficSample) -> None:
+        old = self._retired.get(namespace, (0, 0, 0, 0))
+        self._retired[namespace] = tuple(  # type: ignore[assignment]
+            a + b for a, b in zip(old, sample.values(), strict=True)
+        )
+
+    def update(self, current: Mapping[int, tuple[str, TrafficSample]]) -> dict[str, TrafficSample]:
+        for identity, (namespace, sample) in self._last.items():
+            now = current.get(identity)
+            restarted = now is not None and any(
+                n < o for n, o in zip(now[1].values(), sample.values(), strict=True)
+            )
+            if now is None or now[0] != namespace or restarted:
+                self._retire(namespace, sample)
+        self._last = dict(current)
+        sums: dict[str, list[int]] = {ns: list(v) for ns, v in self._retired.items()}
+        for namespace, sample in current.values():
+            total = sums.setdefault(namespace, [0, 0, 0, 0])
+            for i, value in enumerate(sample.values()):
+                total[i] += value
+        return {ns: TrafficSample(*v) for ns, v in sums.items()}
+
+
+class GatewayCollector(Collector):
+    """Produces the kernel-derived families on each scrape from a bound report function."""
+
+    def __init__(self) -> None:
+        self._report: Callable[[], GatewayReport] | None = None
+        self._totals = TrafficTotals()
+
+    def bind(self, report: Callable[[], GatewayReport]) -> None:
+        self._report = report
+        self._totals = TrafficTotals()
+
+    def unbind(self) -> None:
+        self._report = None
+
+    def describe(self) -> Iterable[object]:
+        return []  # families depend on the bound daemon; nothing to check at registration
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        if self._report is None:
+            return
+        try:
+            report = self._report()
+        except Exception:  # a scrape never fails because the kernel could not be read
+            log.exception("could not read the gateway's state for /metrics")
+            return
+        yield from self.families(report)
+
+    def families(self, report: GatewayReport) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        elements = GaugeMetricFamily(
+            "egressgw_allowed_elements",
+            "Destinations learned from DNS answers and allowed in the kernel, per namespace",
+            labels=["namespace"],
+        )
+        for namespace, count in sorted(report.learned_elements.items()):
+            elements.add_metric([namespace], count)
+        yield elements
+
+        totals = self._totals.update(report.traffic)
+        packets = CounterMetricFamily(
+            "egressgw_traffic_packets",
+            "Packets from workloads toward the uplink, by namespace and verdict (kernel counters)",
+            labels=["namespace", "verdict"],
+        )
+        octets = CounterMetricFamily(
+            "egressgw_traffic_bytes",
+            "Bytes from workloads toward the uplink, by namespace and verdict (kernel counters)",
+            labels=["namespace", "verdict"],
+        )
+        for namespace, sample in sorted(totals.items()):
+            packets.add_metric([namespace, "accepted"], sample.accepted_packets)
+            packets.add_metric([namespace, "rejected"], sample.rejected_packets)
+            octets.add_metric([namespace, "accepted"], sample.accepted_bytes)
+            octets.add_metric([namespace, "rejected"], sample.rejected_bytes)
+        yield packets
+        yield octets
+
+        held = GaugeMetricFamily(
+            "egressgw_egress_ip_held",
+            "1 if this node holds the egress IP on its uplink, 0 if it does not",
+            labels=["gateway", "egress_ip", "node"],
+        )
+        for ip in sorted(report.egress_ips, key=lambda i: (i.gateway, i.address)):
+            held.add_metric([ip.gateway, ip.address, report.node], 1 if ip.held else 0)
+        yield held
+
+        policies = GaugeMetricFamily(
+            "egressgw_policies",
+            "Accepted EgressPolicies by namespace and mode",
+            labels=["namespace", "mode"],
+        )
+        for (namespace, mode), count in sorted(report.policies.items()):
+            policies.add_metric([namespace, mode], count)
+        yield policies
+
+        invalid = GaugeMetricFamily(
+            "egressgw_invalid_objects",
+            "Objects left out of the desired state because they are invalid, by kind and "
+            "namespace (empty for cluster-scoped objects and unreadable files)",
+            labels=["kind", "namespace"],
+        )
+        for (kind, namespace), count in sorted(report.invalid_objects.items()):
+            invalid.add_metric([kind, namespace], count)
+        yield invalid
+
+
+GATEWAY = GatewayCollector()
+REGISTRY.register(GATEWAY)

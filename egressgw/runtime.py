@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
+
+from aiohttp import web
 
 from egressgw import metrics
 from egressgw.datapath.addresses import UplinkAddresses
@@ -24,12 +27,14 @@ from egressgw.dns.interceptor import DnsSettings, Interceptor, PolicyView
 from egressgw.dns.names import NamePolicy
 from egressgw.dns.server import DnsServer
 from egressgw.dns.upstream import Upstream
+from egressgw.explain import Explanation, Query, explain
 from egressgw.identity import IdentityRegistry, IPAddress, WorkloadTable
 from egressgw.plan import Plan, build
 from egressgw.policy.load import Problem
 from egressgw.policy.model import EgressGateway, Snapshot
+from egressgw.report import gateway_egress, to_json
 from egressgw.sources.manifests import ManifestSource
-from egressgw.web import Health, make_app, serve
+from egressgw.web import Health, NotReady, Operator, make_app, serve
 
 log = logging.getLogger("egressgw")
 
@@ -84,6 +89,7 @@ class Settings:
     upstream_timeout_s: float = 1.0
     dns: DnsSettings = field(default_factory=DnsSettings)
     netns: str | None = None  # tests: run the datapath inside this namespace
+    node_name: str = ""  # how reports and metrics name this node; empty: the host name
 
 
 class Daemon:
@@ -131,6 +137,79 @@ class Daemon:
         if not self.source.synced.is_set() or not self.applied_once:
             return "desired state not loaded yet"
         return None
+
+    # -- what operators read (web endpoints and /metrics) -----------------------------------
+    @property
+    def node(self) -> str:
+        return self.settings.node_name or socket.gethostname()
+
+    def _snapshot(self) -> Snapshot:
+        snapshot = self.last_snapshot
+        if snapshot is None:
+            raise NotReady(self.not_ready_reason() or "desired state not loaded yet")
+        return snapshot
+
+    def egress_ips(self) -> dict[str, Any]:
+        """Every gateway with its namespaces and egress IPs, and whether this node holds them."""
+        held = self.held
+        rows = gateway_egress(self._snapshot(), lambda _g, a: a in held, self.node)
+        return to_json(rows)
+
+    def explain(self, query: Query) -> Explanation:
+        return explain(self._snapshot(), query)
+
+    def recent_denials(self) -> list[dict[str, object]]:
+        if self.interceptor is None:
+            return []
+        return [{"time": r.time, **r.fields()} for r in list(self.interceptor.recent_denials)]
+
+    def web_app(self) -> web.Application:
+        kept = self.interceptor.settings.recent_denials if self.interceptor is not None else 0
+        operator = Operator(self.egress_ips, self.explain, self.recent_denials, kept)
+        return make_app(Health(self.alive, self.not_ready_reason), operator)
+
+    def gateway_report(self) -> metrics.GatewayReport:
+        """The kernel-derived metrics, read at scrape time (see ``metrics.GatewayCollector``)."""
+        plan, snapshot = self.last_plan, self.last_snapshot
+        report = metrics.GatewayReport(node=self.node)
+        if plan is None or snapshot is None:
+            return report
+        namespace_of = {i: c.rsplit("/", 1)[0] for i, c in plan.desired.identities.items()}
+        namespace_of.update({i: s.pod.namespace for i, s in plan.selections.items()})
+        learned: dict[str, int] = dict.fromkeys(sorted(set(namespace_of.values())), 0)
+        for identity, count in self.datapath.learned_by_identity().items():
+            namespace = namespace_of.get(identity)
+            if namespace is not None:
+                learned[namespace] += count
+        report.learned_elements = learned
+        if self.adopted:
+            report.traffic = {
+                identity: (
+                    namespace_of[identity],
+                    metrics.TrafficSample(
+                        t.accepted_packets, t.accepted_bytes, t.rejected_packets, t.rejected_bytes
+                    ),
+                )
+                for identity, t in self.datapath.counters().items()
+                if identity in namespace_of
+            }
+        held = self.held
+        report.egress_ips = [
+            metrics.EgressIPState(g.name, str(a), a in held)
+            for g in snapshot.gateways
+            for a in g.egress_ips
+        ]
+        policies: dict[tuple[str, str], int] = {}
+        for policy in snapshot.policies:
+            key = (policy.namespace, str(policy.mode))
+            policies[key] = policies.get(key, 0) + 1
+        report.policies = policies
+        invalid: dict[tuple[str, str], int] = {}
+        for problem in self.source.problems():
+            key = (problem.kind if problem.kind != "?" else "unknown", problem.namespace or "")
+            invalid[key] = invalid.get(key, 0) + 1
+        report.invalid_objects = invalid
+        return report
 
     # -- work ---------------------------------------------------------------------------------
     def adopt(self) -> None:
@@ -259,10 +338,15 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         runner = None
+        metrics.GATEWAY.bind(self.gateway_report)
+        metrics.DNS_ADDRESS_CAPS.labels("name").set(self.settings.dns.max_addresses_per_name)
+        metrics.DNS_ADDRESS_CAPS.labels("identity").set(
+            self.settings.dns.max_addresses_per_identity
+        )
         if self.settings.http_listen:
             host, port = self.settings.http_listen
-            runner = await serve(make_app(Health(self.alive, self.not_ready_reason)), host, port)
-            log.info("serving health and metrics on %s:%d", host, port)
+            runner = await serve(self.web_app(), host, port)
+            log.info("serving health, metrics and the operator API on %s:%d", host, port)
         dns: DnsServer | None = None
         try:
             await asyncio.to_thread(self.adopt)
@@ -284,6 +368,7 @@ class Daemon:
                 self.interceptor.upstream.close()
             if runner is not None:
                 await runner.cleanup()
+            metrics.GATEWAY.unbind()
             self.datapath.close()
             if self._addresses is not None:
                 self._addresses.close()
