@@ -92,6 +92,7 @@ class KubeSource:
         self._parsed: dict[str, dict[Key, Parsed]] = {kind: {} for kind in SNAPSHOT_KINDS}
         self._cross_problems: list[Problem] = []
         self._dirty = True
+        self._listed: set[str] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changed: asyncio.Event | None = None
         self._threads: list[threading.Thread] = []
@@ -153,7 +154,8 @@ class KubeSource:
 
     def pending_kinds(self) -> list[str]:
         """Kinds not listed yet (for /readyz)."""
-        return [r.kind for r in self.reflectors if not r.synced.is_set()]
+        with self._lock:
+            return [r.kind for r in self.reflectors if r.kind not in self._listed]
 
     def not_ready_reason(self) -> str | None:
         pending = self.pending_kinds()
@@ -196,6 +198,7 @@ class KubeSource:
                 self._store(kind, key, None)
             for key, obj in objects.items():
                 self._store(kind, key, obj)
+            self._listed.add(kind)  # here, not in the reflector: the notify below must see it
         self._notify()
 
     def _event(self, kind: str, type_: str, obj: Obj) -> None:
