@@ -82,6 +82,11 @@ DNS_CAP_HITS = Counter(
     "Address caps hit (per name: records dropped; per identity: oldest evicted)",
     ["namespace", "cap"],
 )
+DNS_DENIALS = Counter(
+    "egressgw_dns_denials_total",
+    "DNS queries denied by policy or refused (unknown source: namespace empty), by namespace",
+    ["namespace"],
+)
 DNS_ADDRESS_CAPS = Gauge(
     "egressgw_dns_address_cap",
     "Configured address caps (per name: records kept per answer; per identity: learned addresses)",
