@@ -1,9 +1,10 @@
 """The egressgw lab: a small cluster built from network namespaces on one Linux machine.
 
 In: a lab name (``egl`` by default) and a directory of policies. Out: pods of two projects and an
-unselected one, a worker that bridges them, a gateway that runs the egressgw daemon, and an external
-network with PostgreSQL, an HTTP echo server and dnsmasq; plus ``lab demo``, which probes every
-(pod, destination) pair and compares the verdicts with ``expectations.EXPECTED``.
+unselected one, a worker that bridges them, a gateway that runs the egressgw daemon (the pods
+resolve names through its DNS interceptor), and an external network with PostgreSQL, an HTTP echo
+server and dnsmasq; plus ``lab demo``, which probes every (pod, destination) pair and compares what
+DNS answered and what the connection did with ``demo.EXPECTED``.
 
 It builds the lab in network namespaces only and never touches the root namespace: no address,
 route, link or nftables state is ever added there. It uses only documentation address ranges, and

@@ -20,7 +20,13 @@ from types import FrameType
 from egressgw.lab import demo, services
 from egressgw.lab.lab import Lab, down, is_alive
 from egressgw.lab.netns import LabError
-from egressgw.lab.topology import DEFAULT_LAB_NAME, PODS, NetnsNames
+from egressgw.lab.topology import (
+    DEFAULT_LAB_NAME,
+    PODS,
+    TRANSIT_GATEWAY_V4,
+    TRANSIT_GATEWAY_V6,
+    NetnsNames,
+)
 
 
 def add_lab_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -110,6 +116,9 @@ def _usage(lab: Lab) -> str:
             f"try:  ip netns exec {n.pod(pod)} psql -h db.lab.example -U postgres orders"
             ' -c "select inet_client_addr()"',
             f"      ip netns exec {n.pod(pod)} curl http://web.lab.example/",
+            f"      ip netns exec {n.pod(pod)} getent hosts blocked.lab.example   # NXDOMAIN",
+            "dns:  pods resolve through egressgw's interceptor (their resolv.conf: "
+            f"{TRANSIT_GATEWAY_V4}, {TRANSIT_GATEWAY_V6})",
             f"logs: {lab.statedir}/{{egressgw,postgres,httpd,dnsmasq}}.log",
             f"stop: egressgw lab down --name {lab.state.name}",
         ]

@@ -1,9 +1,11 @@
 """The lab's HTTP echo server: answers every GET with the source address it saw.
 
-In: ``--bind`` addresses and ``--port`` numbers (the lab runs it inside its external network
-namespace). Out: a JSON body ``{"source": ..., "source_port": ..., "local": ..., "path": ...}``
-and one log line per request. It stops by itself after ``--lifetime-s`` seconds, drops idle
-connections after ``--idle-timeout-s`` and serves at most ``--max-connections`` at once.
+In: ``--bind`` addresses and ``--port`` numbers (every address on every port), and ``--listen
+ADDR:PORT`` pairs (``0.0.0.0`` and ``::`` are wildcards; ``::`` takes IPv6 only); the lab runs it
+inside its external network namespace. Out: a JSON body
+``{"source": ..., "source_port": ..., "local": ..., "path": ...}`` and one log line per request.
+It stops by itself after ``--lifetime-s`` seconds, drops idle connections after
+``--idle-timeout-s`` and serves at most ``--max-connections`` at once.
 
 Run as ``python -m egressgw.lab.httpd --bind 203.0.113.20 --port 80 --log FILE``.
 """
@@ -80,6 +82,13 @@ class EchoServer(ThreadingHTTPServer):
         self.idle_timeout_s = idle_timeout_s
         super().__init__(address, EchoHandler)
 
+    def server_bind(self) -> None:
+        if self.address_family == socket.AF_INET6:
+            # The IPv6 wildcard must not take IPv4 too: IPv4 clients would show up as ::ffff:a.b.c.d
+            # and the IPv4 wildcard could not bind the same port.
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        super().server_bind()
+
     def verify_request(self, request: Any, client_address: Any) -> bool:
         # Bounded concurrency: refuse (close) a connection when every slot is taken.
         return self.slots.acquire(blocking=False)
@@ -92,10 +101,20 @@ class EchoServer(ThreadingHTTPServer):
             self.slots.release()
 
 
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected ADDR:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="egressgw.lab.httpd", description=__doc__)
-    parser.add_argument("--bind", action="append", required=True, help="address to listen on")
-    parser.add_argument("--port", action="append", type=int, required=True)
+    parser.add_argument("--bind", action="append", default=[], help="address to listen on")
+    parser.add_argument("--port", action="append", type=int, default=[])
+    parser.add_argument(
+        "--listen", action="append", type=_host_port, default=[], metavar="ADDR:PORT"
+    )
     parser.add_argument("--log", type=Path, required=True)
     parser.add_argument("--ready-file", type=Path, help="created once every socket listens")
     parser.add_argument("--lifetime-s", type=float, default=DEFAULT_LIFETIME_S)
@@ -106,10 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     log = args.log.open("a", buffering=1)
     log_lock = threading.Lock()
     slots = threading.BoundedSemaphore(args.max_connections)
+    endpoints = [(address, port) for address in args.bind for port in args.port]
+    endpoints += args.listen
+    if not endpoints:
+        parser.error("nothing to listen on: give --bind and --port, or --listen")
     servers = [
-        EchoServer((address, port), log, log_lock, slots, args.idle_timeout_s)
-        for address in args.bind
-        for port in args.port
+        EchoServer(endpoint, log, log_lock, slots, args.idle_timeout_s) for endpoint in endpoints
     ]
     threads = [
         threading.Thread(target=server.serve_forever, name=f"serve-{i}", daemon=True)
@@ -117,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for thread in threads:
         thread.start()
-    listening = ", ".join(f"{address}:{port}" for address in args.bind for port in args.port)
+    listening = ", ".join(f"[{a}]:{p}" if ":" in a else f"{a}:{p}" for a, p in endpoints)
     log.write(f"listening on {listening}\n")
     if args.ready_file is not None:
         args.ready_file.write_text("ready\n")

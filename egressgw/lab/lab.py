@@ -1,8 +1,9 @@
 """``Lab``: build, drive and remove the lab; the handle the demo and the end-to-end tests share.
 
 In: a lab name, a policies directory, whether to run the daemon. Out: network namespaces
-``<name>-{worker,gw,ext,api-0,etl-0,shell-0}``, servers in the external namespace, the daemon in
-the gateway namespace, ``/etc/netns/<pod-ns>/resolv.conf`` for each pod, and
+``<name>-{worker,gw,ext,api-0,etl-0,shell-0}``, servers in the external namespace, the daemon (with
+its DNS interceptor) in the gateway namespace, ``/etc/netns/<pod-ns>/resolv.conf`` for each pod
+pointing at that interceptor, and
 ``/run/egressgw-lab/<name>/`` (state, logs, manifests, the PostgreSQL cluster). ``down`` removes
 all of it, by recorded state and by name, and is idempotent. Nothing is ever configured in the
 root network namespace: links are created from inside a lab namespace with their peer placed
@@ -21,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from egressgw.lab import netns, services
 from egressgw.lab.manifests import DEFAULT_POLICIES_DIR, write_atomically, write_manifests
@@ -30,14 +31,13 @@ from egressgw.lab.probes import Outcome, Verdict, classify_curl, classify_psql
 from egressgw.lab.sessions import HttpKeepAlive, PsqlSession
 from egressgw.lab.state import LabState, ProcessRecord, state_dir
 from egressgw.lab.topology import (
+    ANYIP_PREFIX_V6,
     BRIDGE_IFNAME,
     BRIDGE_V4,
     BRIDGE_V6,
     DB_V4,
-    DB_V6,
     DEFAULT_LAB_NAME,
-    DNS_V4,
-    DNS_V6,
+    DNS_BLACKHOLES,
     EXT_IFNAME,
     EXT_V4,
     EXT_V6,
@@ -51,6 +51,7 @@ from egressgw.lab.topology import (
     POSTGRES_DATABASE,
     POSTGRES_PORT,
     POSTGRES_USER,
+    SERVICE_ADDRESSES,
     SERVICE_IFNAME,
     SERVICE_PREFIX_V4,
     SERVICE_PREFIX_V6,
@@ -73,6 +74,12 @@ from egressgw.lab.topology import (
     pod_by_key,
 )
 
+if TYPE_CHECKING:
+    # Imported where used: ``python -m egressgw.lab.dnsquery`` must not find itself imported
+    # already by this package's __init__.
+    from egressgw.lab.dnsquery import DnsResult
+    from egressgw.lab.resolveconnect import Report
+
 DAEMON = "daemon"
 POSTGRES = "postgres"
 HTTPD = "httpd"
@@ -94,7 +101,11 @@ _NO_DAD = {
 }
 _FORWARDING = {"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1"}
 
-RESOLV_CONF = f"nameserver {DNS_V4}\nnameserver {DNS_V6}\noptions timeout:1 attempts:1\n"
+# Pods resolve through the gateway's DNS interceptor, over IPv4 first.
+RESOLV_CONF = (
+    f"nameserver {TRANSIT_GATEWAY_V4}\nnameserver {TRANSIT_GATEWAY_V6}\n"
+    "options timeout:1 attempts:1\n"
+)
 
 
 class Lab:
@@ -195,6 +206,7 @@ class Lab:
         self._start(
             HTTPD, self.names.ext, services.httpd_argv(self.statedir), self.statedir / "httpd.log"
         )
+        services.write_addn_hosts(self.statedir)
         self._start(
             DNSMASQ,
             self.names.ext,
@@ -250,13 +262,13 @@ class Lab:
             n.ext,
             [
                 *(
-                    f"addr add {a}/{SERVICE_PREFIX_V4} dev {SERVICE_IFNAME}"
-                    for a in (DB_V4, WEB_V4, DNS_V4)
-                ),
-                *(
                     f"addr add {a}/{SERVICE_PREFIX_V6} dev {SERVICE_IFNAME} nodad"
-                    for a in (DB_V6, WEB_V6, DNS_V6)
+                    if ":" in a
+                    else f"addr add {a}/{SERVICE_PREFIX_V4} dev {SERVICE_IFNAME}"
+                    for a in SERVICE_ADDRESSES
                 ),
+                # AnyIP: every address of this prefix is local, so each accepts connections.
+                f"route add local {ANYIP_PREFIX_V6} dev {SERVICE_IFNAME}",
                 f"addr add {EXT_V4}/{UPLINK_PREFIX_V4} dev {EXT_IFNAME}",
                 f"addr add {EXT_V6}/{UPLINK_PREFIX_V6} dev {EXT_IFNAME} nodad",
                 f"link set {EXT_IFNAME} up",
@@ -312,7 +324,8 @@ class Lab:
         self._install_observer()
 
     def _install_observer(self) -> None:
-        """Counters in the external namespace for packets that arrive with a pod's own address.
+        """Counters in the external namespace for packets that arrive with a pod's own address,
+        and the filter that makes the blackhole DNS addresses swallow everything sent to them.
 
         SNAT replaces every pod address on the way out, so any such packet escaped the gateway:
         ``leaked_packets()`` reads these counters.
@@ -328,13 +341,19 @@ class Lab:
             lines.append(f'    ip saddr {pod.ipv4} counter name "{_leak_counter(pod, "v4")}"')
             lines.append(f'    ip6 saddr {pod.ipv6} counter name "{_leak_counter(pod, "v6")}"')
         lines.append("  }")
+        lines.append("  chain blackhole {")
+        lines.append("    type filter hook input priority filter; policy accept;")
+        for address in DNS_BLACKHOLES:
+            lines.append(f"    {'ip6' if ':' in address else 'ip'} daddr {address} drop")
+        lines.append("  }")
         lines.append("}")
         netns.run(
             netns.exec_argv(self.names.ext, ["nft", "-f", "-"]), input_text="\n".join(lines) + "\n"
         )
 
     def _write_resolv_conf(self) -> None:
-        """Pods resolve names through the lab's DNS server (``ip netns exec`` bind-mounts these)."""
+        """Pods resolve names through the gateway's interceptor (``ip netns exec`` bind-mounts
+        these over ``/etc/resolv.conf``)."""
         for pod in PODS:
             directory = netns.NETNS_ETC_DIR / self.names.pod(pod)
             self.state.etc_netns_dirs.append(str(directory))
@@ -513,9 +532,14 @@ class Lab:
         argv = ["psql", "-X", "-w", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", conninfo]
         return PsqlSession(self._pipe(pod, argv))
 
-    def http_keepalive(self, pod: str, family: int = 4, port: int = 80) -> HttpKeepAlive:
-        """One TCP connection from a pod to the echo server, asked again on demand."""
-        host = WEB_V4 if family == 4 else WEB_V6
+    def http_keepalive(
+        self, pod: str, family: int = 4, port: int = 80, *, host: str | None = None
+    ) -> HttpKeepAlive:
+        """One TCP connection from a pod to the echo server (``host``, default the web server's
+        address of ``family``), asked again on demand. It connects to the address as given: resolve
+        the name first where the policy allows it by name only."""
+        if host is None:
+            host = WEB_V4 if family == 4 else WEB_V6
         argv = [sys.executable, "-m", "egressgw.lab.keepalive", host, str(port)]
         return HttpKeepAlive(self._pipe(pod, argv))
 
@@ -542,9 +566,83 @@ class Lab:
                 found.append(address)
         return found
 
+    def dns_query(
+        self,
+        where: str,
+        name: str,
+        qtype: str = "A",
+        *,
+        server: str | None = None,
+        tcp: bool = False,
+        edns: int | None = None,
+        timeout_s: float = 3.0,
+    ) -> DnsResult:
+        """One DNS query from a pod or node, with the exact response code (see ``dnsquery``).
+
+        ``server`` defaults to the first nameserver of the pod's resolv.conf: the interceptor.
+        """
+        argv = [sys.executable, "-m", "egressgw.lab.dnsquery", name, qtype]
+        argv += ["--timeout-s", f"{timeout_s:g}"]
+        if server is not None:
+            argv += ["--server", server]
+        if tcp:
+            argv.append("--tcp")
+        if edns is not None:
+            argv += ["--edns", str(edns)]
+        from egressgw.lab.dnsquery import DnsResult
+
+        proc = self.exec(where, argv, timeout=timeout_s + 10, check=True)
+        return DnsResult.from_json(proc.stdout.strip().splitlines()[-1])
+
+    def resolve_connect(
+        self,
+        pod: str,
+        name_format: str,
+        count: int,
+        port: int,
+        *,
+        first: int = 0,
+        family: int = 6,
+        budget_s: float = 60.0,
+        step_timeout_s: float = 3.0,
+        expect_source: str | None = None,
+    ) -> Report:
+        """Resolve ``count`` names and connect to each at once, from one process in the pod.
+
+        See ``egressgw.lab.resolveconnect``; bounded by ``count`` and by ``budget_s``.
+        """
+        argv = [
+            sys.executable,
+            "-m",
+            "egressgw.lab.resolveconnect",
+            "--format",
+            name_format,
+            "--first",
+            str(first),
+            "--count",
+            str(count),
+            "--port",
+            str(port),
+            "--family",
+            str(family),
+            "--budget-s",
+            f"{budget_s:g}",
+            "--step-timeout-s",
+            f"{step_timeout_s:g}",
+        ]
+        if expect_source is not None:
+            argv += ["--expect-source", expect_source]
+        from egressgw.lab.resolveconnect import Report
+
+        proc = self.exec(pod, argv, timeout=budget_s + 4 * step_timeout_s + 30)
+        lines = proc.stdout.strip().splitlines()
+        if not lines:
+            problem = f"resolveconnect printed nothing (exit {proc.returncode}): {proc.stderr}"
+            raise LabError(problem)
+        return Report.from_json(lines[-1])
+
     def web_url(self, family: int, port: int, path: str = "/") -> str:
-        host = WEB_V4 if family == 4 else f"[{WEB_V6}]"
-        return f"http://{host}:{port}{path}"
+        return url(WEB_V4 if family == 4 else WEB_V6, port, path)
 
     # --- what the lab saw ---------------------------------------------------------------------
 
@@ -591,6 +689,21 @@ class Lab:
 
     def http_log(self) -> str:
         return _read(self.statedir / "httpd.log")
+
+    def daemon_healthy(self) -> bool:
+        """Whether the daemon answers /healthz (its tasks run) right now."""
+        return services.daemon_answers(self.names.gateway, "/healthz")
+
+    def daemon_metrics(self) -> dict[str, float]:
+        """The daemon's Prometheus samples, keyed ``name{labels}`` as /metrics prints them."""
+        samples: dict[str, float] = {}
+        for line in services.daemon_get(self.names.gateway, "/metrics").splitlines():
+            if not line or line.startswith("#"):
+                continue
+            key, _, value = line.rpartition(" ")
+            with suppress(ValueError):
+                samples[key] = float(value)
+        return samples
 
     def nft_list(self, where: str = "gw") -> str:
         """``nft list ruleset`` of the gateway (or another lab namespace)."""
@@ -650,6 +763,12 @@ class Lab:
 
 
 # --- module-level helpers (usable without a Lab handle) --------------------------------------
+
+
+def url(address: str, port: int, path: str = "/") -> str:
+    """``http://ADDR:PORT/path``, the address in brackets when it is IPv6."""
+    host = f"[{address}]" if ":" in address else address
+    return f"http://{host}:{port}{path}"
 
 
 def pod_of(where: str) -> LabPod:

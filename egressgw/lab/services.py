@@ -28,6 +28,7 @@ from egressgw.lab.topology import (
     DNS_DOMAIN,
     DNS_HOST_RECORDS,
     DNS_PORT,
+    DNS_SHORT_RECORDS,
     DNS_TTL_SECONDS,
     DNS_V4,
     DNS_V6,
@@ -36,9 +37,12 @@ from egressgw.lab.topology import (
     POSTGRES_DATABASE,
     POSTGRES_PORT,
     POSTGRES_USER,
+    TEST_PORT,
+    TRANSIT_GATEWAY_V4,
+    TRANSIT_GATEWAY_V6,
     UPLINK_IFNAME,
-    WEB_V4,
-    WEB_V6,
+    WEB_ADDRESSES,
+    addn_hosts_lines,
 )
 
 PG_OS_USER = "postgres"
@@ -252,11 +256,14 @@ class Postgres:
 
 
 def httpd_argv(statedir: Path) -> list[str]:
+    """The echo server: every web address on ports 80 and 8080, and every address on the test
+    port (IPv4 and IPv6 wildcards, so the AnyIP prefix and the short-TTL name answer too)."""
     argv = [sys.executable, "-m", "egressgw.lab.httpd"]
-    for address in (WEB_V4, WEB_V6):
+    for address in WEB_ADDRESSES:
         argv += ["--bind", address]
     for port in HTTP_PORTS:
         argv += ["--port", str(port)]
+    argv += ["--listen", f"0.0.0.0:{TEST_PORT}", "--listen", f"[::]:{TEST_PORT}"]
     argv += ["--log", str(statedir / "httpd.log"), "--ready-file", str(statedir / "httpd.ready")]
     return argv
 
@@ -264,7 +271,21 @@ def httpd_argv(statedir: Path) -> list[str]:
 # --- dnsmasq ------------------------------------------------------------------------------
 
 
+ADDN_HOSTS_FILE = "dnsmasq.hosts"
+
+
+def write_addn_hosts(statedir: Path) -> Path:
+    """The lab DNS server's extra hosts file (race names, the many-address name)."""
+    path = statedir / ADDN_HOSTS_FILE
+    path.write_text("\n".join(addn_hosts_lines()) + "\n")
+    return path
+
+
 def dnsmasq_argv(statedir: Path) -> list[str]:
+    """dnsmasq answering the lab zone only, every query logged (``--log-queries``).
+
+    The hosts file of ``write_addn_hosts`` must exist before it starts.
+    """
     dnsmasq = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
     argv = [
         dnsmasq,
@@ -287,16 +308,40 @@ def dnsmasq_argv(statedir: Path) -> list[str]:
     ]
     for name, addresses in DNS_HOST_RECORDS:
         argv.append(f"--host-record={name},{','.join(addresses)},{DNS_TTL_SECONDS}")
+    for name, addresses, ttl in DNS_SHORT_RECORDS:
+        argv.append(f"--host-record={name},{','.join(addresses)},{ttl}")
     for alias, target in DNS_CNAMES:
         argv.append(f"--cname={alias},{target},{DNS_TTL_SECONDS}")
+    argv.append(f"--addn-hosts={statedir / ADDN_HOSTS_FILE}")
     return argv
 
 
 # --- the egressgw daemon ----------------------------------------------------------------
 
 
+# The DNS interceptor listens on the gateway's transit addresses (the pods' resolv.conf points
+# there) and forwards allowed names to the lab's dnsmasq, over IPv4 first.
+DNS_LISTEN: tuple[str, ...] = (
+    f"{TRANSIT_GATEWAY_V4}:{DNS_PORT}",
+    f"[{TRANSIT_GATEWAY_V6}]:{DNS_PORT}",
+)
+DNS_UPSTREAMS: tuple[str, ...] = (f"{DNS_V4}:{DNS_PORT}", f"[{DNS_V6}]:{DNS_PORT}")
+_LIST_FLAGS = {"--dns-listen": DNS_LISTEN, "--upstream": DNS_UPSTREAMS}
+
+
+def _mentions(args: Sequence[str], flag: str) -> bool:
+    return any(arg == flag or arg.startswith(flag + "=") for arg in args)
+
+
 def daemon_argv(statedir: Path, extra: Sequence[str] = ()) -> list[str]:
-    return [
+    """``egressgw run`` for the lab's gateway, with the interceptor on, then ``extra``.
+
+    Flags that take one value are overridden by repeating them in ``extra`` (the last one wins).
+    The repeatable ``--upstream`` and ``--dns-listen`` are replaced as a whole: once ``extra``
+    names one of them, the lab's defaults for that flag are left out, so a test can put a dead
+    upstream first.
+    """
+    argv = [
         sys.executable,
         "-m",
         "egressgw",
@@ -307,8 +352,12 @@ def daemon_argv(statedir: Path, extra: Sequence[str] = ()) -> list[str]:
         UPLINK_IFNAME,
         "--http-listen",
         DAEMON_HTTP_LISTEN,
-        *extra,
     ]
+    for flag, values in _LIST_FLAGS.items():
+        if not _mentions(extra, flag):
+            for value in values:
+                argv += [flag, value]
+    return [*argv, *extra]
 
 
 def daemon_answers(gateway_ns: str, path: str, timeout_s: float = 1.0) -> bool:
@@ -330,6 +379,18 @@ def daemon_answers(gateway_ns: str, path: str, timeout_s: float = 1.0) -> bool:
         timeout=timeout_s + 5,
     )
     return proc.returncode == 0
+
+
+def daemon_get(gateway_ns: str, path: str, timeout_s: float = 2.0) -> str:
+    """The body of ``path`` from the daemon's HTTP endpoint (raises ``LabError`` on failure)."""
+    proc = netns.run(
+        netns.exec_argv(
+            gateway_ns,
+            ["curl", "-fsS", "--max-time", f"{timeout_s:g}", f"http://{DAEMON_HTTP_LISTEN}{path}"],
+        ),
+        timeout=timeout_s + 5,
+    )
+    return proc.stdout
 
 
 def daemon_ready(gateway_ns: str) -> bool:

@@ -6,6 +6,7 @@ place. Nothing here does I/O.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 
@@ -128,10 +129,50 @@ DB_V4 = "203.0.113.10"
 DB_V6 = "2001:db8:203::10"
 WEB_V4 = "203.0.113.20"
 WEB_V6 = "2001:db8:203::20"
+CDN_V4 = "203.0.113.21"  # www.cdn.lab.example, allowed by a wildcard
+CDN_V6 = "2001:db8:203::21"
+ORIGIN_V4 = "203.0.113.22"  # origin.lab.example, reached only through the alias CNAME
+ORIGIN_V6 = "2001:db8:203::22"
+SHORT_V4 = "203.0.113.23"  # short.lab.example, a record with a short TTL (expiry tests)
+SHORT_V6 = "2001:db8:203::23"
+BLOCKED_V4 = "203.0.113.30"  # blocked.lab.example, a name no policy allows
+BLOCKED_V6 = "2001:db8:203::30"
 DNS_V4 = "203.0.113.53"
 DNS_V6 = "2001:db8:203::53"
-BLOCKED_V4 = "203.0.113.30"
-SERVICE_ADDRESSES: tuple[str, ...] = (DB_V4, WEB_V4, DNS_V4, DB_V6, WEB_V6, DNS_V6)
+# Upstreams that fail, for the failover tests. "Dead" addresses exist in the external network but
+# nothing listens on port 53, so a query gets ICMP port unreachable at once; "blackhole"
+# addresses exist too, and a filter in the external network drops whatever is sent to them, so a
+# query is never answered at all.
+DNS_DEAD_V4 = "203.0.113.54"
+DNS_DEAD_V6 = "2001:db8:203::54"
+DNS_BLACKHOLE_V4 = "203.0.113.55"
+DNS_BLACKHOLE_V6 = "2001:db8:203::55"
+# Addresses the HTTP echo server answers on, ports 80 and 8080.
+WEB_ADDRESSES: tuple[str, ...] = (
+    WEB_V4,
+    CDN_V4,
+    ORIGIN_V4,
+    BLOCKED_V4,
+    WEB_V6,
+    CDN_V6,
+    ORIGIN_V6,
+    BLOCKED_V6,
+)
+SERVICE_ADDRESSES: tuple[str, ...] = (
+    DB_V4,
+    *(a for a in WEB_ADDRESSES if ":" not in a),
+    SHORT_V4,
+    DNS_V4,
+    DNS_DEAD_V4,
+    DNS_BLACKHOLE_V4,
+    DB_V6,
+    *(a for a in WEB_ADDRESSES if ":" in a),
+    SHORT_V6,
+    DNS_V6,
+    DNS_DEAD_V6,
+    DNS_BLACKHOLE_V6,
+)
+DNS_BLACKHOLES: tuple[str, ...] = (DNS_BLACKHOLE_V4, DNS_BLACKHOLE_V6)
 
 POSTGRES_PORT = 5432
 POSTGRES_DATABASE = "orders"
@@ -139,19 +180,65 @@ POSTGRES_USER = "postgres"
 # Only the payments project's egress IPs may connect over the network.
 POSTGRES_ALLOWED_SOURCES: tuple[str, ...] = ("198.51.100.10/32", "2001:db8:100::10/128")
 HTTP_PORTS: tuple[int, ...] = (80, 8080)
+# The echo server also listens on every address of the external network on this port (IPv4 and
+# IPv6 wildcards), so every address of ``ANYIP_PREFIX_V6`` and the short-TTL name accept.
+TEST_PORT = 9000
 DNS_PORT = 53
 # TTL of the lab DNS server's records (dnsmasq's own default, 0, would make every answer expire
 # at once).
 DNS_TTL_SECONDS = 60
+SHORT_TTL_SECONDS = 2
 
 DNS_DOMAIN = "lab.example"
 DNS_HOST_RECORDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("db.lab.example", (DB_V4, DB_V6)),
     ("web.lab.example", (WEB_V4, WEB_V6)),
-    ("www.cdn.lab.example", (WEB_V4,)),
-    ("blocked.lab.example", (BLOCKED_V4,)),
+    ("www.cdn.lab.example", (CDN_V4, CDN_V6)),
+    ("origin.lab.example", (ORIGIN_V4, ORIGIN_V6)),
+    ("blocked.lab.example", (BLOCKED_V4, BLOCKED_V6)),
 )
-DNS_CNAMES: tuple[tuple[str, str], ...] = (("alias.lab.example", "web.lab.example"),)
+# A CNAME to a name no policy mentions: the interceptor must follow the chain.
+DNS_CNAMES: tuple[tuple[str, str], ...] = (("alias.lab.example", "origin.lab.example"),)
+SHORT_NAME = "short.lab.example"
+DNS_SHORT_RECORDS: tuple[tuple[str, tuple[str, ...], int], ...] = (
+    (SHORT_NAME, (SHORT_V4, SHORT_V6), SHORT_TTL_SECONDS),
+)
+
+# A /64 that the external network accepts every address of (AnyIP: a local route on its
+# loopback), so a name per address can be resolved and connected to, thousands of times.
+ANYIP_PREFIX_V6 = "2001:db8:203:1::/64"
+# rN.race.lab.example -> its own address, for N in range(RACE_NAME_COUNT). The resolve-then-
+# connect test uses the first RACE_LOOP_COUNT names; other tests take fresh ones from the rest.
+RACE_DOMAIN = "race.lab.example"
+RACE_NAME_COUNT = 2200
+RACE_LOOP_COUNT = 2000
+# One name with MANY_ADDRESS_COUNT AAAA records, far over the interceptor's per-name cap.
+MANY_NAME = "many.lab.example"
+MANY_ADDRESS_COUNT = 500
+
+
+def race_name(index: int) -> str:
+    """The index-th name of the race zone: ``r<index>.race.lab.example``."""
+    return f"r{index}.{RACE_DOMAIN}"
+
+
+def race_address(index: int) -> str:
+    """The address ``race_name(index)`` resolves to (AAAA only), inside ``ANYIP_PREFIX_V6``."""
+    return str(ipaddress.IPv6Address("2001:db8:203:1::1:0") + index)
+
+
+def many_addresses() -> tuple[str, ...]:
+    """The AAAA records of ``MANY_NAME``, inside ``ANYIP_PREFIX_V6`` (all of them accept)."""
+    base = ipaddress.IPv6Address("2001:db8:203:1::2:0")
+    return tuple(str(base + i) for i in range(MANY_ADDRESS_COUNT))
+
+
+def addn_hosts_lines() -> list[str]:
+    """The lab DNS server's extra hosts file: the race names and the many-address name."""
+    lines = [f"{race_address(i)} {race_name(i)}" for i in range(RACE_NAME_COUNT)]
+    lines += [f"{address} {MANY_NAME}" for address in many_addresses()]
+    return lines
+
 
 DAEMON_HTTP_LISTEN = "127.0.0.1:9460"
 

@@ -107,6 +107,9 @@ def test_the_unselected_pod_never_leaves_the_gateway(lab: Lab, family: int) -> N
 
 
 def test_established_flows_survive_kill_9_and_restart(lab: Lab) -> None:
+    # The policy allows the web server by name only: resolve it first, as a client would.
+    for family in (4, 6):
+        assert lab.resolve(PAYMENTS, "web.lab.example", family), f"no IPv{family} answer"
     with (
         lab.psql_session(PAYMENTS, DB_V4) as pg4,
         lab.psql_session(PAYMENTS, DB_V6) as pg6,
@@ -124,6 +127,8 @@ def test_established_flows_survive_kill_9_and_restart(lab: Lab) -> None:
         assert pg4.client_and_backend() == sessions["pg4"]
         assert web6.again()["local_port"] == ports["web6"]
         assert lab.psql(PAYMENTS, DB_V4).verdict is Verdict.CONNECTED
+        # A destination learned from DNS before the crash keeps opening new flows.
+        assert lab.http(PAYMENTS, lab.web_url(6, 80)).verdict is Verdict.CONNECTED
         assert lab.http(PAYMENTS, lab.web_url(4, 8080)).verdict is Verdict.REJECTED_AT_GATEWAY
 
         lab.start_daemon()

@@ -92,12 +92,17 @@ def test_example_policies_load_exactly() -> None:
     web_peers = (
         Peer(fqdn="web.lab.example"),
         Peer(fqdn_pattern="*.cdn.lab.example"),
-        Peer(cidr=net("203.0.113.20/32")),
-        Peer(cidr=net("2001:db8:203::20/128")),
+        Peer(fqdn="alias.lab.example"),
+    )
+    test_peers = (
+        Peer(fqdn_pattern="*.race.lab.example"),
+        Peer(fqdn="many.lab.example"),
+        Peer(fqdn="short.lab.example"),
     )
     assert [(r.action, r.to, r.ports) for r in payments.egress] == [
         (Action.ALLOW, database_peers, postgres),
         (Action.ALLOW, web_peers, (PortSpec(Protocol.TCP, 80),)),
+        (Action.ALLOW, test_peers, (PortSpec(Protocol.TCP, 9000),)),
     ]
 
 
