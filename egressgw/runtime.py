@@ -277,6 +277,11 @@ class Daemon:
         metrics.IDENTITIES.set(len(plan.desired.identities))
         metrics.EGRESS_IPS_HELD.set(len(wanted))
         metrics.PLAN_NOTES.set(len(plan.notes))
+        for namespace in {w.namespace for _, w in plan.workloads.items()}:
+            # counters start at 0 for every namespace, so a first hit shows in increase()
+            metrics.DNS_DENIALS.labels(namespace)
+            metrics.DNS_CAP_HITS.labels(namespace, "name")
+            metrics.DNS_CAP_HITS.labels(namespace, "identity")
         problems = self.source.problems()
         metrics.INVALID_MANIFESTS.set(len(problems))
         if self.status is not None:
