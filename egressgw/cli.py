@@ -75,13 +75,6 @@ def _run(args: argparse.Namespace) -> int:
         netns=args.netns,
         node_name=args.node_name or "",
     )
-    if args.netns:
-        # pyroute2 opens sockets in another namespace from a forked helper and stops it with
-        # SIGTERM; the helper inherits our signal wakeup fd, so the event loop would take that
-        # SIGTERM for its own and stop. The helper must die of SIGTERM by default instead.
-        import pyroute2.config
-
-        pyroute2.config.disable_mp_signal = True
     if args.kubernetes:
         return _run_kubernetes(args, settings)
     if settings.manifests is None or not settings.manifests.is_dir():

@@ -13,7 +13,6 @@ import signal
 import socket
 import threading
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from aiohttp import web
 from egressgw import metrics
 from egressgw.datapath.addresses import UplinkAddresses
 from egressgw.datapath.kernel import NftDatapath
-from egressgw.dns.interceptor import DecisionRecord, DnsSettings, Interceptor, PolicyView
+from egressgw.dns.interceptor import DnsSettings, Interceptor, PolicyView
 from egressgw.dns.names import NamePolicy
 from egressgw.dns.server import DnsServer
 from egressgw.dns.upstream import Upstream
@@ -66,18 +65,6 @@ class StatusSink(Protocol):
     """Where the outcome of each apply is reported (Kubernetes: object status)."""
 
     def report(self, snapshot: Snapshot, plan: Plan, problems: Sequence[Problem]) -> None: ...
-
-
-class DenialLog(deque[DecisionRecord]):
-    """The interceptor's recent denials, each also counted per namespace as it is recorded.
-
-    Every denial the interceptor makes passes through ``append`` of this bounded deque, so it is
-    the one place that sees each one with its namespace (``egressgw_dns_denials_total``).
-    """
-
-    def append(self, record: DecisionRecord) -> None:
-        metrics.DNS_DENIALS.labels(record.namespace or "").inc()
-        super().append(record)
 
 
 class HoldAll:
@@ -139,7 +126,6 @@ class Daemon:
                 raise ValueError("--dns-listen needs at least one --upstream")
             upstream = Upstream(list(settings.upstreams), settings.upstream_timeout_s)
             self.interceptor = Interceptor(settings.dns, upstream, self.datapath)
-            self.interceptor.recent_denials = DenialLog(maxlen=settings.dns.recent_denials)
 
     # -- status -------------------------------------------------------------------------------
     def alive(self) -> bool:

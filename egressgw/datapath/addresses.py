@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import pyroute2.config
 from pyroute2 import IPRoute
 
 from egressgw.datapath.netns import call_in
@@ -39,6 +40,11 @@ class UplinkAddresses:
     def __init__(self, uplink: str, netns: str | None = None) -> None:
         self.uplink = uplink
         self.netns = netns
+        if netns:
+            # pyroute2 opens the socket from a forked helper and stops it with SIGTERM; that
+            # helper inherits the daemon's signal handling, and its SIGTERM would reach our
+            # event loop through the wakeup fd. Let the helper die of SIGTERM by default.
+            pyroute2.config.disable_mp_signal = True
         self._ipr: Any = IPRoute(netns=netns) if netns else IPRoute()
         found = self._ipr.link_lookup(ifname=uplink)
         if not found:

@@ -442,5 +442,6 @@ class Interceptor:
         )
         if denied:
             self.recent_denials.append(record)
+            metrics.DNS_DENIALS.labels(record.namespace or "").inc()
         if log.isEnabledFor(level):
             log.log(level, "%s", record.line(), extra={"decision": record.fields()})

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import struct
 from dataclasses import dataclass, field
+from typing import cast
 
 from egressgw.dns.interceptor import Deferred, Interceptor
 
@@ -29,8 +30,8 @@ class _Udp(asyncio.DatagramProtocol):
         self.tasks: set[asyncio.Task[None]] = set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        # CPython's selector datagram transport does not subclass DatagramTransport
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[object, ...]) -> None:
         result = self.interceptor.answer_now(data, _source(addr), udp=True)

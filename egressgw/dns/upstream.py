@@ -15,6 +15,7 @@ import secrets
 import struct
 import time
 from dataclasses import dataclass, field
+from typing import cast
 
 from egressgw import metrics
 from egressgw.dns.wire import HEADER, TC, Question, WireError, read_name
@@ -44,8 +45,8 @@ class _Server(asyncio.DatagramProtocol):
     transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        # CPython's selector datagram transport does not subclass DatagramTransport
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: object) -> None:
         if len(data) < HEADER.size:

@@ -1,0 +1,186 @@
+"""The DNS server and upstream client over real sockets, against a real dnsmasq on loopback.
+
+No namespaces are needed: everything listens on 127.0.0.1 ports chosen at random. The datapath
+is the fake (programming is covered by the kernel and lab tests); what is tested here is the
+wire: UDP and TCP service, forwarding, failover, truncation and the TCP retry upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from dnslib import QTYPE, RCODE, DNSRecord
+
+from egressgw.datapath.fake import FakeDatapath
+from egressgw.dns.interceptor import DnsSettings, Interceptor, PolicyView
+from egressgw.dns.names import NamePolicy
+from egressgw.dns.server import DnsServer
+from egressgw.dns.upstream import Upstream
+from egressgw.identity import IdentityRegistry
+from egressgw.plan import build
+from egressgw.policy.model import (
+    EgressGateway,
+    EgressPolicy,
+    EgressRule,
+    LabelSelector,
+    Namespace,
+    Peer,
+    Pod,
+    PortSpec,
+    Protocol,
+    Snapshot,
+)
+from tests.conftest import require
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.bind((LOOPBACK, 0))
+        return int(udp.getsockname()[1])
+
+
+@pytest.fixture
+def dnsmasq(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    require(shutil.which("dnsmasq") is not None, "needs dnsmasq (Debian package dnsmasq-base)")
+    port = free_port()
+    log = tmp_path / "dnsmasq.log"
+    hosts = tmp_path / "wide.hosts"
+    hosts.write_text("".join(f"203.0.113.{i} wide.test.example\n" for i in range(1, 61)))
+    argv = [
+        "dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--bind-interfaces",
+        f"--listen-address={LOOPBACK}", f"--port={port}", "--user=root", "--group=root",
+        "--log-queries", f"--log-facility={log}", f"--addn-hosts={hosts}",
+        "--host-record=db.test.example,203.0.113.10,60",
+        "--cname=alias.test.example,db.test.example",
+    ]  # fmt: skip
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not log.exists():
+            time.sleep(0.05)
+        yield port, log
+    finally:
+        proc.terminate()
+        proc.wait(timeout=5)
+
+
+def interceptor(upstreams: list[tuple[str, int]], timeout_s: float = 0.5) -> Interceptor:
+    sel = LabelSelector(match_labels=(("app", "api"),))
+    rule = EgressRule(
+        to=(Peer(fqdn_pattern="*.test.example"),), ports=(PortSpec(Protocol.TCP, 443),)
+    )
+    snapshot = Snapshot(
+        namespaces={"payments": Namespace("payments", {"project": "payments"})},
+        pods=(Pod("payments", "api-0", {"app": "api"}, (ipaddress.ip_address(LOOPBACK),)),),
+        gateways=(
+            EgressGateway(
+                "payments",
+                LabelSelector(match_labels=(("project", "payments"),)),
+                egress_ips=(ipaddress.ip_address("198.51.100.10"),),
+            ),
+        ),
+        policies=(EgressPolicy("payments", "api", sel, egress=(rule,)),),
+    )
+    plan = build(snapshot, IdentityRegistry())
+    result = Interceptor(DnsSettings(), Upstream(upstreams, timeout_s), FakeDatapath())
+    result.update(PolicyView(plan.workloads, NamePolicy(plan.selections)))
+    return result
+
+
+async def serve(icpt: Interceptor) -> tuple[DnsServer, int]:
+    port = free_port()
+    await icpt.upstream.start()
+    server = DnsServer(icpt, [(LOOPBACK, port)])
+    await server.start()
+    return server, port
+
+
+async def ask(port: int, name: str, tcp: bool = False, qtype: str = "A") -> DNSRecord:
+    query = DNSRecord.question(name, qtype)
+    raw = await asyncio.to_thread(query.send, LOOPBACK, port, tcp, 3)
+    return DNSRecord.parse(raw)
+
+
+def test_udp_and_tcp_queries_are_forwarded_and_programmed(dnsmasq: tuple[int, Path]) -> None:
+    upstream_port, log = dnsmasq
+
+    async def scenario() -> None:
+        icpt = interceptor([(LOOPBACK, upstream_port)])
+        server, port = await serve(icpt)
+        try:
+            udp = await ask(port, "db.test.example")
+            assert [str(rr.rdata) for rr in udp.rr] == ["203.0.113.10"]
+            tcp = await ask(port, "alias.test.example", tcp=True)
+            assert [QTYPE[rr.rtype] for rr in tcp.rr] == ["CNAME", "A"]
+            denied = await ask(port, "db.other.example")
+            assert denied.header.rcode == RCODE.NXDOMAIN
+            fake = icpt.datapath
+            assert isinstance(fake, FakeDatapath)
+            assert fake.allowed(1) == {"203.0.113.10"}
+        finally:
+            await server.close()
+            icpt.upstream.close()
+
+    asyncio.run(scenario())
+    assert "db.other.example" not in log.read_text()  # denied names never leave
+    assert "query[A] db.test.example" in log.read_text()
+
+
+def test_a_truncated_upstream_answer_is_fetched_again_over_tcp(dnsmasq: tuple[int, Path]) -> None:
+    upstream_port, _log = dnsmasq
+
+    async def scenario() -> None:
+        icpt = interceptor([(LOOPBACK, upstream_port)])
+        server, port = await serve(icpt)
+        try:
+            udp = await ask(port, "wide.test.example")  # 60 A records: over 512 bytes
+            assert udp.header.tc == 1 and udp.rr == []
+            tcp = await ask(port, "wide.test.example", tcp=True)
+            assert len(tcp.rr) == 60
+        finally:
+            await server.close()
+            icpt.upstream.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_dead_first_upstream_fails_over_and_all_dead_is_servfail(
+    dnsmasq: tuple[int, Path],
+) -> None:
+    upstream_port, _log = dnsmasq
+    closed = free_port()  # nothing listens: ICMP port unreachable at once
+
+    async def scenario() -> None:
+        icpt = interceptor([(LOOPBACK, closed), (LOOPBACK, upstream_port)], timeout_s=0.5)
+        server, port = await serve(icpt)
+        try:
+            started = time.monotonic()
+            reply = await ask(port, "db.test.example")
+            assert [str(rr.rdata) for rr in reply.rr] == ["203.0.113.10"]
+            assert time.monotonic() - started < 0.5  # refused at once, not after the timeout
+        finally:
+            await server.close()
+            icpt.upstream.close()
+
+        icpt = interceptor([(LOOPBACK, closed), (LOOPBACK, free_port())], timeout_s=0.5)
+        server, port = await serve(icpt)
+        try:
+            started = time.monotonic()
+            reply = await ask(port, "db.test.example")
+            assert reply.header.rcode == RCODE.SERVFAIL
+            assert time.monotonic() - started < 2 * 0.5 + 0.5
+        finally:
+            await server.close()
+            icpt.upstream.close()
+
+    asyncio.run(scenario())
