@@ -4,7 +4,8 @@ In: a client's query bytes and its parsed question. Out: the upstream's response
 client's ID, or ``UpstreamError`` once every upstream has failed or timed out. The query is
 forwarded as it came (EDNS0 options included) under a fresh random ID; upstreams are tried in
 order, each for ``timeout_s``; a truncated UDP answer is fetched again over TCP from the same
-upstream. One connected UDP socket per upstream carries all queries.
+upstream. One connected UDP socket per upstream carries all queries. An upstream that failed is
+asked after the others for a few seconds, so a dead one does not cost every query a timeout.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from egressgw.dns.wire import HEADER, TC, Question, WireError, read_name
 
 log = logging.getLogger(__name__)
 Address = tuple[str, int]
+DEMOTE_S = 5.0  # how long a failed upstream is asked only after the others
 
 
 class UpstreamError(Exception):
@@ -43,6 +45,7 @@ class _Server(asyncio.DatagramProtocol):
     address: Address
     pending: dict[int, tuple[Question, asyncio.Future[bytes]]] = field(default_factory=dict)
     transport: asyncio.DatagramTransport | None = None
+    down_until: float = 0.0  # after a failure, others are asked first until then
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # CPython's selector datagram transport does not subclass DatagramTransport
@@ -89,19 +92,27 @@ class Upstream:
             if server.transport is not None:
                 server.transport.close()
 
+    def _candidates(self, now: float) -> list[_Server]:
+        """Upstreams in configured order, skipping those that failed recently; when all have,
+        only the one that failed longest ago is probed, so SERVFAIL comes within one timeout."""
+        healthy = [s for s in self._servers if s.down_until <= now]
+        return healthy or [min(self._servers, key=lambda s: s.down_until)]
+
     async def resolve(self, question: Question, query: bytes) -> bytes:
         errors: list[str] = []
-        for server in self._servers:
+        for server in self._candidates(time.monotonic()):
             started = time.perf_counter()
             try:
                 response = await self._udp(server, question, query)
                 if struct.unpack_from("!H", response, 2)[0] & TC:
                     response = await self._tcp(server, question, query)
             except (TimeoutError, OSError, UpstreamError, WireError) as exc:
+                server.down_until = time.monotonic() + DEMOTE_S
                 metrics.DNS_UPSTREAM_ERRORS.labels(server.label).inc()
                 errors.append(f"{server.label}: {exc or type(exc).__name__}")
                 continue
             metrics.DNS_UPSTREAM_SECONDS.labels(server.label).observe(time.perf_counter() - started)
+            server.down_until = 0.0
             return struct.pack("!H", question.id) + response[2:]
         raise UpstreamError("every upstream failed: " + "; ".join(errors))
 
