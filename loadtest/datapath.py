@@ -541,6 +541,7 @@ class IperfRound:
     pair: int
     gbps: float
     retransmits: int
+    machine_busy: float  # share of all CPUs busy (anything) during the run
 
 
 def pair_order(pair: int) -> tuple[str, str]:
@@ -647,8 +648,9 @@ class TrafficBench:
 
     def iperf_round(self, mode: str, pair: int) -> IperfRound:
         activate(self.ns, mode)
+        meter = CpuMeter([])
         gbps, retransmits = self.iperf(self.options.iperf_seconds)
-        return IperfRound(mode, pair, gbps, retransmits)
+        return IperfRound(mode, pair, gbps, retransmits, meter.stop()[1])
 
 
 def _pids() -> list[int]:
@@ -799,6 +801,11 @@ def perf_summary(rounds: Sequence[PerfRound]) -> dict[str, Any]:
         reverse=True,
     )
     out["grew_most_us"] = [(n, round(d, 3)) for d, n in grew[:8]]
+    # What the ruleset's own work (nft_* symbols: stable run to run, unlike the totals, which
+    # move with the neighbours' load) would do to a CPU-bound connection rate.
+    base = (out["all"]["plain"] + out["all"]["egressgw"]) / 2
+    added = out["nft ruleset"]["egressgw"] - out["nft ruleset"]["plain"]
+    out["projected_cps_ratio"] = base / (base + added) if base else None
     out["connections"] = {m: sum(r.connections for r in rounds if r.mode == m) for m in MODES}
     return out
 
@@ -1429,6 +1436,11 @@ def render(results: Results) -> str:
             out.append(
                 f"    {label:14}{plain:8.1f} us {egw:8.1f} us   egressgw {egw - plain:+6.1f} us"
             )
+        if pf["projected_cps_ratio"] is not None:
+            out.append(
+                f"    the nft ruleset's difference alone would make connections/s"
+                f" {pf['projected_cps_ratio']:.3f} x plain (CPU-bound, no neighbours)"
+            )
         out.append(
             "    grew most (us/connection): "
             + ", ".join(f"{name[4:]} {d:+.2f}" for name, d in pf["grew_most_us"][:6])
@@ -1436,7 +1448,10 @@ def render(results: Results) -> str:
     if results.iperf:
         out.append(
             "  iperf3 rounds: "
-            + ", ".join(f"{r.mode[0]} {r.gbps:.2f} ({r.retransmits} retr)" for r in results.iperf)
+            + ", ".join(
+                f"{r.mode[0]} {r.gbps:.2f} ({r.retransmits} retr, busy {r.machine_busy:.0%})"
+                for r in results.iperf
+            )
         )
     if results.program is not None:
         p, n = results.program, results.nft
