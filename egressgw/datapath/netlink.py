@@ -130,6 +130,75 @@ def _messages(buffer: bytes) -> Iterator[tuple[int, int, int, bytes]]:
         offset += (length + 3) & ~3
 
 
+def _message_flags(op: Op) -> int:
+    flags: int = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE if op is Op.ADD else 0)
+    return flags
+
+
+def encode_with_pyroute2(
+    table: str, change: Change, elements: Sequence[Element], seq: int
+) -> bytes:
+    """One element-list message built with pyroute2's message classes (handles comments)."""
+    msg = nft_set_elem_list_msg()
+    flags = _message_flags(change.op)
+    _header(msg, (NFNL_SUBSYS_NFTABLES << 8) | change.op.value, flags, seq)
+    msg["attrs"] = [
+        ["NFTA_SET_ELEM_LIST_TABLE", table],
+        ["NFTA_SET_ELEM_LIST_SET", change.set_name],
+        ["NFTA_SET_ELEM_LIST_ELEMENTS", [element.as_netlink() for element in elements]],
+    ]
+    msg.encode()
+    return bytes(msg.data)
+
+
+# The fast path encodes the same bytes as pyroute2 (tests/unit/test_datapath_netlink.py compares
+# them) with attribute numbers read from pyroute2's own maps: building pyroute2's message objects
+# costs 0.4-1.6 ms for 8 elements, struct packing about 20 microseconds.
+def _attribute_numbers(nla_map: Sequence[tuple[str, str]]) -> dict[str, int]:
+    return {name: number for number, (name, *_rest) in enumerate(nla_map)}
+
+
+_LIST = _attribute_numbers(nft_set_elem_list_msg.nla_map)
+_ELEM = _attribute_numbers(nft_set_elem_list_msg.set_elem.nla_map)
+_DATA = _attribute_numbers(nft_set_elem_list_msg.set_elem.data_attributes.nla_map)
+_NLA = struct.Struct("=HH")
+_NFGEN = struct.Struct("=BBH")
+_U64 = struct.Struct(">Q")
+
+
+def _nla(kind: int, payload: bytes) -> bytes:
+    length = _NLA.size + len(payload)
+    return _NLA.pack(length, kind) + payload + bytes(-length % 4)
+
+
+def _value(number: int, raw: bytes) -> bytes:
+    return _nla(number, _nla(_DATA["NFTA_DATA_VALUE"], raw))
+
+
+def encode_elements(table: str, change: Change, elements: Sequence[Element], seq: int) -> bytes:
+    """One element-list message: key, key end, map data and timeout (no comments)."""
+    items = []
+    for index, element in enumerate(elements, start=1):
+        attrs = _value(_ELEM["NFTA_SET_ELEM_KEY"], element.key)
+        if element.key_end is not None:
+            attrs += _value(_ELEM["NFTA_SET_ELEM_KEY_END"], element.key_end)
+        if element.data is not None:
+            attrs += _value(_ELEM["NFTA_SET_ELEM_DATA"], element.data)
+        if element.timeout_ms is not None:
+            attrs += _nla(_ELEM["NFTA_SET_ELEM_TIMEOUT"], _U64.pack(element.timeout_ms))
+        items.append(_nla(index, attrs))  # list items are numbered from 1, as pyroute2 does
+    body = (
+        _NFGEN.pack(NFPROTO_INET, 0, 0)
+        + _nla(_LIST["NFTA_SET_ELEM_LIST_TABLE"], table.encode() + b"\0")
+        + _nla(_LIST["NFTA_SET_ELEM_LIST_SET"], change.set_name.encode() + b"\0")
+        + _nla(_LIST["NFTA_SET_ELEM_LIST_ELEMENTS"], b"".join(items))
+    )
+    kind = (NFNL_SUBSYS_NFTABLES << 8) | change.op.value
+    return (
+        _NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, _message_flags(change.op), seq, 0) + body
+    )
+
+
 class NftSocket:
     """A netfilter netlink socket bound to the network namespace it was opened in."""
 
@@ -160,18 +229,9 @@ class NftSocket:
         return self._seq
 
     def _encode(self, change: Change, elements: Sequence[Element], seq: int) -> bytes:
-        msg = nft_set_elem_list_msg()
-        flags = NLM_F_REQUEST | NLM_F_ACK
-        if change.op is Op.ADD:
-            flags |= NLM_F_CREATE
-        _header(msg, (NFNL_SUBSYS_NFTABLES << 8) | change.op.value, flags, seq)
-        msg["attrs"] = [
-            ["NFTA_SET_ELEM_LIST_TABLE", self.table],
-            ["NFTA_SET_ELEM_LIST_SET", change.set_name],
-            ["NFTA_SET_ELEM_LIST_ELEMENTS", [element.as_netlink() for element in elements]],
-        ]
-        msg.encode()
-        return bytes(msg.data)
+        if any(element.comment is not None for element in elements):
+            return encode_with_pyroute2(self.table, change, elements, seq)
+        return encode_elements(self.table, change, elements, seq)
 
     def apply(self, changes: Iterable[Change]) -> int:
         """Send every change as one transaction; return the number of elements touched.
