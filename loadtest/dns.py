@@ -45,7 +45,7 @@ Then, if py-spy is installed, the daemon is sampled under each load (``py-spy re
 --nolineno``) and the functions with the most own and inclusive time are listed. Throughout, the
 daemon's wrapper logs every full garbage collection with its duration, and the report lists them
 per scenario next to the programming calls egressgw logged as over their bound (those answers
-were SERVFAIL). The daemon runs under ``python -O``: see ``Daemon.start``.
+were SERVFAIL).
 
 Run as root: ``python -m loadtest.dns [--json PATH]``; ``--help`` lists counts and durations (the
 defaults take about three and a half minutes). Compare ratios, never absolute figures across runs or
@@ -507,10 +507,7 @@ class Daemon:
         if self.proc is not None and self.loop == loop:
             return
         self.stop()
-        # -O: egressgw's UDP protocols assert isinstance(transport, asyncio.DatagramTransport),
-        # which neither asyncio's nor uvloop's UDP transport is on Python 3.11: with the assert
-        # the daemon drops every query. -O removes asserts and nothing else the daemon needs.
-        argv = [sys.executable, "-O", "-m", "loadtest.dns", "_daemon", loop]
+        argv = [sys.executable, "-m", "loadtest.dns", "_daemon", loop]
         if self.gc_threshold:
             argv.append(f"--gc-threshold={self.gc_threshold}")
         argv.append("run")
@@ -579,7 +576,9 @@ def _frame_name(frame: str) -> str:
 
 def summarize_profile(load: str, qps: float, raw: str, top: int = 15) -> Profile:
     """Own and inclusive time per function from py-spy's collapsed stacks; the inclusive list
-    leaves out the event loop's and this module's frames, which hold every sample."""
+    leaves out the event loop's and this module's frames, which hold every sample. Samples are
+    taken without pausing the daemon, so some stacks are cut short: inclusive shares are lower
+    bounds."""
     own: Tally[str] = Tally()
     inclusive: Tally[str] = Tally()
     total = 0
