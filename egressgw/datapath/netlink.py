@@ -19,6 +19,7 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import NamedTuple
 
 from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REQUEST
 from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES, nfgen_msg
@@ -48,9 +49,12 @@ class Op(Enum):
     DESTROY = NFT_MSG_DESTROYSETELEM  # delete if present
 
 
-@dataclass(frozen=True, slots=True)
-class Element:
-    """One raw set element: key bytes as the kernel stores them (see ``keys``)."""
+class Element(NamedTuple):
+    """One raw set element: key bytes as the kernel stores them (see ``keys``).
+
+    A tuple of atoms, so the garbage collector stops tracking the hundreds of thousands the
+    datapath mirrors keep: full collections over a loaded datapath then cost nothing.
+    """
 
     key: bytes
     key_end: bytes | None = None  # interval sets (pipapo): inclusive end of the range

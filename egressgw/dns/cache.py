@@ -36,15 +36,15 @@ class Answer:
     capped: int = 0  # address records dropped by the per-name cap
     rcode: int = NOERROR
 
-    def served(self, question: Question, query: bytes, now: float) -> tuple[bytes, int]:
-        """(bytes for this client, remaining TTL of the address records)."""
+    def served(self, question: Question, query: bytes, now: float) -> bytes:
+        """The answer for this client: its ID and question, TTLs lowered by the time cached."""
         elapsed = int(now - self.stored_at)
         out = bytearray(self.wire)
         struct.pack_into("!H", out, 0, question.id)
         out[HEADER.size : question.end] = query[HEADER.size : question.end]  # client's 0x20 case
         for offset, ttl in zip(self.ttl_offsets, self.ttls, strict=True):
             _TTL.pack_into(out, offset, max(0, ttl - elapsed))
-        return bytes(out), max(0, self.address_ttl - elapsed)
+        return bytes(out)
 
 
 def clamp(ttl: int, min_ttl: int, max_ttl: int) -> int:

@@ -13,13 +13,14 @@ it is bounded by the socket timeout, which is set to ``program_timeout_s``.
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
 import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from egressgw import metrics
 from egressgw.datapath.state import Learned
@@ -46,6 +47,7 @@ log = logging.getLogger("egressgw.dns")
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Source = str  # the query's source address as the socket reports it
 Clock = Callable[[], float]
+CAP_LOG_INTERVAL_S = 60.0
 TYPE_NAMES = {1: "A", 28: "AAAA", 5: "CNAME", 15: "MX", 16: "TXT", 33: "SRV", 12: "PTR", 6: "SOA"}
 
 
@@ -121,8 +123,7 @@ class DecisionRecord:
         }
 
 
-@dataclass(frozen=True, slots=True)
-class Deferred:
+class Deferred(NamedTuple):
     """A query that needs the upstream; everything else about it is decided."""
 
     query: bytes
@@ -134,10 +135,15 @@ class Deferred:
 
 
 class _Budget:
-    """Addresses learned per identity, for the per-identity cap (oldest expiring evicted)."""
+    """Addresses learned per identity, for the per-identity cap (oldest expiring evicted).
+
+    Per identity: packed address -> (expiry, port atoms), and a heap of (expiry, address) with
+    lazy deletion, so admitting an answer costs O(addresses log n) even at the cap.
+    """
 
     def __init__(self) -> None:
-        self.by_identity: dict[int, dict[IPAddress, tuple[float, tuple[PortAtom, ...]]]] = {}
+        self.known: dict[int, dict[bytes, tuple[float, tuple[PortAtom, ...]]]] = {}
+        self.heaps: dict[int, list[tuple[float, bytes]]] = {}
 
     def admit(
         self,
@@ -145,26 +151,46 @@ class _Budget:
         addresses: Sequence[IPAddress],
         atoms: tuple[PortAtom, ...],
         until: float,
-        now: float,
         cap: int,
     ) -> list[Learned]:
         """Record addresses; returns the elements to revoke to stay within ``cap``."""
-        known = self.by_identity.setdefault(identity, {})
+        known = self.known.setdefault(identity, {})
+        heap = self.heaps.setdefault(identity, [])
+        fresh = set()
         for address in addresses:
-            old = known.get(address)
-            merged = tuple(sorted(set(atoms) | set(old[1]), key=str)) if old else atoms
-            known[address] = (max(until, old[0]) if old else until, merged)
+            key = address.packed
+            fresh.add(key)
+            old = known.get(key)
+            if old is None:
+                known[key] = (until, atoms)
+            elif old[0] >= until and set(atoms) <= set(old[1]):
+                continue
+            else:
+                merged = tuple(sorted(set(atoms) | set(old[1]), key=_atom_order))
+                known[key] = (max(until, old[0]), merged)
+            heapq.heappush(heap, (known[key][0], key))
         evicted: list[Learned] = []
-        if len(known) > cap:  # expired addresses go first, then the oldest expiring
-            for address in [a for a, (exp, _) in known.items() if exp <= now]:
-                del known[address]
-        if len(known) > cap:
-            fresh = set(addresses)
-            victims = sorted((exp, str(a), a) for a, (exp, _) in known.items() if a not in fresh)
-            for _exp, _key, address in victims[: len(known) - cap]:
-                _, old_atoms = known.pop(address)
-                evicted.extend(_learned(identity, [address], old_atoms))
+        kept_back: list[tuple[float, bytes]] = []
+        while len(known) > cap and heap:
+            expiry, key = heapq.heappop(heap)
+            entry = known.get(key)
+            if entry is None or entry[0] != expiry:
+                continue  # superseded by a later expiry
+            if key in fresh:
+                kept_back.append((expiry, key))  # never evict what this answer releases
+                continue
+            del known[key]
+            evicted.extend(_learned(identity, [ipaddress.ip_address(key)], entry[1]))
+        for item in kept_back:
+            heapq.heappush(heap, item)
+        if len(heap) > 2 * len(known) + 1024:  # drop superseded entries now and then
+            heap[:] = [(exp, key) for key, (exp, _atoms) in known.items()]
+            heapq.heapify(heap)
         return evicted
+
+
+def _atom_order(atom: PortAtom) -> tuple[int, int, int]:
+    return (-1 if atom[0] is None else atom[0], atom[1], atom[2])
 
 
 def _learned(
@@ -220,6 +246,7 @@ class Interceptor:
         # a cache hit that is already covered costs one dict look-up, no element encoding.
         self._programmed: dict[tuple[int, tuple[object, ...], float], float] = {}
         self.recent_denials: deque[DecisionRecord] = deque(maxlen=settings.recent_denials)
+        self._cap_logged: dict[int, float] = {}  # identity -> when its cap was last logged
 
         self._counters: dict[tuple[str, str], metrics.CounterChild] = {}
         self._cache_hit = metrics.DNS_CACHE.labels("hit")
@@ -347,12 +374,15 @@ class Interceptor:
     def _release(self, d: Deferred, answer: Answer, now: float) -> bytes:
         """Program the answer's addresses for the asking identity, then hand out the answer."""
         question = d.question
-        wire, address_ttl = answer.served(question, d.query, now)
+        wire = answer.served(question, d.query, now)
         if d.verdict is not None and d.verdict.ports and answer.addresses:
             key = (d.workload.identity, question.cache_key, answer.stored_at)
-            needed = now + address_ttl + self.settings.grace_s
+            # However late this answer is served, the TTL released with it ends no later than
+            # stored_at + address_ttl + 1 (TTLs count down in whole seconds): one horizon per
+            # answer, so repeated hits do not rewrite elements as the remaining TTL ticks down.
+            needed = answer.stored_at + answer.address_ttl + 1 + self.settings.grace_s
             if self._programmed.get(key, 0.0) < needed:
-                if not self._program(d.workload, answer, d.verdict.ports, address_ttl, now):
+                if not self._program(d.workload, answer, d.verdict.ports, needed - now):
                     return self._local(
                         d.query, question, SERVFAIL, "servfail", "programming failed"
                     )
@@ -372,17 +402,15 @@ class Interceptor:
         workload: Workload,
         answer: Answer,
         atoms: tuple[PortAtom, ...],
-        ttl: int,
-        now: float,
+        lifetime: float,
     ) -> bool:
-        lifetime = ttl + self.settings.grace_s
+        now = self.clock()
         learned = _learned(workload.identity, answer.addresses, atoms)
         evicted = self._budget.admit(
             workload.identity,
             answer.addresses,
             atoms,
             now + lifetime,
-            now,
             self.settings.max_addresses_per_identity,
         )
         started = time.perf_counter()
@@ -391,13 +419,17 @@ class Interceptor:
                 self._programmed.clear()  # some cached answers are no longer fully programmed
                 self.datapath.revoke(evicted)
                 metrics.DNS_CAP_HITS.labels(workload.namespace, "identity").inc()
-                log.warning(
-                    "dns: identity %s/%s over its cap of %d addresses; evicted %d",
-                    workload.namespace,
-                    workload.pod,
-                    self.settings.max_addresses_per_identity,
-                    len({e.address for e in evicted}),
-                )
+                if now - self._cap_logged.get(workload.identity, -CAP_LOG_INTERVAL_S) >= (
+                    CAP_LOG_INTERVAL_S
+                ):  # a workload at its cap evicts on every new answer: say so once in a while
+                    self._cap_logged[workload.identity] = now
+                    log.warning(
+                        "dns: identity %s/%s is at its cap of %d addresses; evicting the "
+                        "oldest expiring (counted in egressgw_dns_cap_hits_total)",
+                        workload.namespace,
+                        workload.pod,
+                        self.settings.max_addresses_per_identity,
+                    )
             written = self.datapath.program(learned, lifetime)
         except Exception as exc:
             metrics.DNS_PROGRAM_FAILURES.inc()

@@ -9,7 +9,7 @@ parsed fully with dnslib elsewhere. Pure: no I/O.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 HEADER = struct.Struct("!HHHHHH")
 _TYPE_CLASS = struct.Struct("!HH")
@@ -32,8 +32,10 @@ class WireError(ValueError):
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class Question:
+CacheKey = tuple[str, int, int, bool, bool]
+
+
+class Question(NamedTuple):  # built per query: a tuple is the cheapest record to build
     id: int
     flags: int
     name: str  # lower case, no trailing dot; "" for the root
@@ -42,10 +44,7 @@ class Question:
     end: int  # offset just past the question
     udp_size: int  # what the client accepts over UDP (EDNS0, else 512)
     dnssec_ok: bool
-
-    @property
-    def cache_key(self) -> tuple[str, int, int, bool, bool]:
-        return (self.name, self.qtype, self.qclass, self.dnssec_ok, bool(self.flags & CD))
+    cache_key: CacheKey  # (name, type, class, DO, CD): what an answer may be shared by
 
 
 def skip_name(msg: bytes, offset: int) -> int:
@@ -132,7 +131,8 @@ def parse_question(msg: bytes) -> Question:
             pos += _RR_FIXED.size + rdlength
             if pos > len(msg):
                 raise WireError("truncated additional record")
-    return Question(ident, flags, name, qtype, qclass, end, udp_size, dnssec_ok)
+    key = (name, qtype, qclass, dnssec_ok, bool(flags & CD))
+    return Question(ident, flags, name, qtype, qclass, end, udp_size, dnssec_ok, key)
 
 
 def ttl_offsets(msg: bytes) -> list[int]:

@@ -143,7 +143,8 @@ def test_allowed_name_is_programmed_for_the_asker_before_the_answer() -> None:
     assert env.datapath.allowed(api) == {"203.0.113.10"}
     ((element, lifetime),) = env.datapath.learned.items()
     assert (element.protocol, element.ports) == (6, (5432, 5432))
-    assert lifetime == reply.rr[0].ttl + 10  # released TTL + grace
+    # at least the released TTL + grace; at most one second more (TTLs tick in whole seconds)
+    assert reply.rr[0].ttl + 10 <= lifetime <= reply.rr[0].ttl + 11
 
 
 def test_denied_name_is_nxdomain_and_never_reaches_the_upstream() -> None:
@@ -171,6 +172,19 @@ def test_cname_chain_opens_the_target_addresses() -> None:
     reply = env.ask("alias.lab.example")
     assert addresses(reply) == ["203.0.113.20"]
     assert env.datapath.allowed(env.identity(API)) == {"203.0.113.20"}
+
+
+def test_repeated_hits_program_once_and_always_cover_the_released_ttl() -> None:
+    env = Env()
+    env.ask("db.lab.example")
+    assert env.datapath.batches == 1
+    for step in range(40):
+        env.clock.now += 0.7
+        reply = env.ask("db.lab.example")
+        ((_element, lifetime),) = env.datapath.learned.items()
+        programmed_until = 1000.0 + lifetime
+        assert programmed_until >= env.clock.now + reply.rr[0].ttl + 10, step
+    assert env.datapath.batches == 1
 
 
 def test_cached_answer_counts_down_and_is_still_programmed_per_identity() -> None:
@@ -328,3 +342,22 @@ def test_denials_are_kept_for_the_api_and_logged_as_one_line(
     )
     assert 'reason="no rule matches' in lines[2]
     assert caplog.records[0].decision["namespace"] == "analytics"  # type: ignore[attr-defined]
+
+
+def test_an_identity_at_its_cap_keeps_the_latest_expiring_and_logs_sparingly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    zone = "\n".join(f"n{i}.lab.example. {100 + i} AAAA 2001:db8:5::{i:x}" for i in range(300))
+    env = Env(
+        policy("payments", "api", Peer(fqdn_pattern="*.lab.example")),
+        zone=zone,
+        max_addresses_per_identity=100,
+        rate_per_source_qps=1e9,
+        burst_per_source=1e9,
+    )
+    with caplog.at_level("WARNING", logger="egressgw.dns"):
+        for i in range(300):
+            env.ask(f"n{i}.lab.example", "AAAA")
+    allowed = env.datapath.allowed(env.identity(API))
+    assert allowed == {str(ipaddress.ip_address(f"2001:db8:5::{i:x}")) for i in range(200, 300)}
+    assert sum("at its cap" in r.getMessage() for r in caplog.records) == 1
