@@ -303,8 +303,9 @@ def test_a_dead_first_upstream_fails_over_at_once(bare_lab: Lab) -> None:
         print(f"\ndead first upstream: answers after {_ms(results)} ms")
         assert all(r.rcode == "NOERROR" and r.addresses for r in results), results
         assert all(r.elapsed_ms < 250 for r in results), _ms(results)
+        # after its first failure the dead upstream is asked after the live one for a while
         errors = _metric(lab, "egressgw_dns_upstream_errors_total", upstream=f"{DNS_DEAD_V4}:53")
-        assert errors == len(results)
+        assert errors == 1
 
 
 def test_a_blackhole_first_upstream_fails_over_after_the_timeout(bare_lab: Lab) -> None:
@@ -315,21 +316,28 @@ def test_a_blackhole_first_upstream_fails_over_after_the_timeout(bare_lab: Lab) 
         results = _timed_answers(lab, 3)
         print(f"\nblackhole first upstream ({timeout_ms} ms): answers after {_ms(results)} ms")
         assert all(r.rcode == "NOERROR" and r.addresses for r in results), results
-        assert all(timeout_ms <= r.elapsed_ms < timeout_ms + 250 for r in results), _ms(results)
+        # the first query waits out the blackhole once; then it is asked last and costs nothing
+        first, *later = results
+        assert timeout_ms <= first.elapsed_ms < timeout_ms + 250, _ms(results)
+        assert all(r.elapsed_ms < 250 for r in later), _ms(results)
 
 
 @pytest.mark.parametrize(
     ("upstreams", "timeout_ms", "within_ms"),
     [
-        # each waited out in turn: SERVFAIL after both per-try timeouts, no later
-        ((DNS_BLACKHOLE_V4, DNS_BLACKHOLE_V6), 300, (600, 850)),
+        # first query: each waited out in turn (both per-try timeouts); once both have failed,
+        # only one is probed, so later queries get SERVFAIL within a single timeout
+        ((DNS_BLACKHOLE_V4, DNS_BLACKHOLE_V6), 300, ((600, 850), (300, 550))),
         # each refuses at once: SERVFAIL long before a single timeout
-        ((DNS_DEAD_V4, DNS_DEAD_V6), 1000, (0, 250)),
+        ((DNS_DEAD_V4, DNS_DEAD_V6), 1000, ((0, 250), (0, 250))),
     ],
     ids=["blackholes", "dead"],
 )
 def test_all_upstreams_dead_gives_servfail_within_the_timeout(
-    bare_lab: Lab, upstreams: tuple[str, str], timeout_ms: int, within_ms: tuple[int, int]
+    bare_lab: Lab,
+    upstreams: tuple[str, str],
+    timeout_ms: int,
+    within_ms: tuple[tuple[int, int], tuple[int, int]],
 ) -> None:
     args = ["--upstream-timeout-ms", str(timeout_ms)]
     for address in upstreams:
@@ -340,8 +348,8 @@ def test_all_upstreams_dead_gives_servfail_within_the_timeout(
         results = [lab.dns_query(PAYMENTS, race_name(index), "AAAA", timeout_s=5) for _ in range(2)]
         print(f"\nall upstreams {upstreams} down: SERVFAIL after {_ms(results)} ms")
         assert all(r.rcode == "SERVFAIL" and not r.answers for r in results), results
-        low, high = within_ms
-        assert all(low <= r.elapsed_ms < high for r in results), _ms(results)
+        for result, (low, high) in zip(results, within_ms, strict=True):
+            assert low <= result.elapsed_ms < high, _ms(results)
         line = lab.wait_for_daemon_log("every upstream failed", since=offset)
         assert race_name(index) in line, line
         # A SERVFAIL programs nothing.
