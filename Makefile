@@ -55,6 +55,7 @@ kernel: deps
 
 bench: deps
 	$(PY) -m loadtest.datapath
+	$(PY) -m loadtest.dns
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

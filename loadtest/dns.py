@@ -58,6 +58,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import importlib
+import importlib.util
 import json
 import math
 import os
@@ -79,7 +81,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from dnslib import QTYPE, RCODE, DNSRecord
 from prometheus_client.parser import text_string_to_metric_families
@@ -438,10 +440,9 @@ def daemon_main(loop: str, argv: Sequence[str]) -> int:
         return await main
 
     def run(main: Coroutine[Any, Any, T], *, debug: bool | None = None) -> T:
-        if loop == "uvloop":
-            import uvloop
-
-            return uvloop.run(announced(main), debug=debug)
+        if loop == "uvloop":  # optional: pip install uvloop to compare loops
+            uvloop = importlib.import_module("uvloop")
+            return cast(T, uvloop.run(announced(main), debug=debug))
         return real_run(announced(main), debug=debug)
 
     asyncio.run = run  # egressgw.cli runs asyncio.run(Daemon(settings).run())
@@ -1192,12 +1193,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing:
         print(f"missing commands: {', '.join(missing)} (make deps installs them)", file=sys.stderr)
         return 2
-    if options.uvloop:
-        try:
-            import uvloop  # noqa: F401
-        except ImportError:
-            print("uvloop is not installed: egressgw runs on asyncio only", file=sys.stderr)
-            options = replace(options, uvloop=False)
+    if options.uvloop and importlib.util.find_spec("uvloop") is None:
+        print("uvloop is not installed: egressgw runs on asyncio only", file=sys.stderr)
+        options = replace(options, uvloop=False)
     signal.signal(signal.SIGTERM, _terminate)
     started = time.monotonic()
     stat_before = Path("/proc/stat").read_text()
