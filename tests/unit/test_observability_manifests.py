@@ -91,3 +91,16 @@ def test_dashboard_panels_are_laid_out_and_queried() -> None:
         "Egress IP holders",
     ):
         assert needed in titles
+
+
+def test_the_servicemonitor_scrapes_the_metrics_service_as_job_egressgw() -> None:
+    root = Path(__file__).resolve().parents[2] / "manifests"
+    monitor = yaml.safe_load((root / "monitoring" / "servicemonitor.yaml").read_text())
+    service = yaml.safe_load((root / "service.yaml").read_text())
+    spec = monitor["spec"]
+    assert service["metadata"]["namespace"] in spec["namespaceSelector"]["matchNames"]
+    labels = service["metadata"]["labels"]
+    assert all(labels.get(k) == v for k, v in spec["selector"]["matchLabels"].items())
+    port_names = {p["name"] for p in service["spec"]["ports"]}
+    assert {e["port"] for e in spec["endpoints"]} <= port_names
+    assert labels[spec["jobLabel"]] == "egressgw"  # the job the alerts and dashboard query
