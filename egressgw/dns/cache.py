@@ -13,9 +13,21 @@ import struct
 from dataclasses import dataclass
 
 from cachetools import LRUCache
-from dnslib import CNAME, QTYPE, RCODE, DNSRecord
+from dnslib import RCODE, DNSRecord
 
-from egressgw.dns.wire import HEADER, NOERROR, NXDOMAIN, TYPE_A, TYPE_AAAA, Question, ttl_offsets
+from egressgw.dns.wire import (
+    HEADER,
+    NOERROR,
+    NXDOMAIN,
+    RCODE_MASK,
+    TYPE_A,
+    TYPE_AAAA,
+    TYPE_CNAME,
+    TYPE_OPT,
+    Question,
+    read_name,
+    records,
+)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _TTL = struct.Struct("!I")
@@ -60,42 +72,46 @@ def prepare(
     max_ttl: int,
     max_addresses: int,
 ) -> Answer:
-    """Parse an upstream response for ``question``; raises dnslib's or our errors if malformed."""
-    record = DNSRecord.parse(response)
+    """Make an upstream response for ``question`` ready to serve; raises WireError (or dnslib's
+    errors, when the per-name cap makes it rebuild the answer) if it is malformed."""
+    found = records(response)
+    answers = [r for r in found if r.section == 0]
     chain = {question.name}
     for _ in range(16):  # a CNAME chain longer than that is not followed further
         grown = chain | {
-            str(rr.rdata.label).rstrip(".").lower()
-            for rr in record.rr
-            if rr.rtype == QTYPE.CNAME
-            and isinstance(rr.rdata, CNAME)
-            and str(rr.rname).rstrip(".").lower() in chain
+            read_name(response, r.rdata)[0]
+            for r in answers
+            if r.rtype == TYPE_CNAME and r.name in chain
         }
         if grown == chain:
             break
         chain = grown
-    address_rrs = [
-        rr
-        for rr in record.rr
-        if rr.rtype in (TYPE_A, TYPE_AAAA) and str(rr.rname).rstrip(".").lower() in chain
+    address_records = [
+        r
+        for r in answers
+        if r.name in chain
+        and ((r.rtype == TYPE_A and r.rdlength == 4) or (r.rtype == TYPE_AAAA and r.rdlength == 16))
     ]
-    capped = max(0, len(address_rrs) - max_addresses)
-    if capped:
-        dropped = {id(rr) for rr in address_rrs[max_addresses:]}
-        record.rr = [rr for rr in record.rr if id(rr) not in dropped]
-        address_rrs = address_rrs[:max_addresses]
-        response = record.pack()
+    capped = max(0, len(address_records) - max_addresses)
+    if capped:  # rare: rebuild the answer without the address records over the cap
+        response = _keep_addresses(response, chain, max_addresses)
+        found = records(response)
+        address_records = [
+            r
+            for r in found
+            if r.section == 0 and r.name in chain and r.rtype in (TYPE_A, TYPE_AAAA)
+        ]
     wire = bytearray(response)
     struct.pack_into("!H", wire, 0, 0)
-    offsets = ttl_offsets(bytes(wire))
-    ttls = []
-    for offset in offsets:
-        ttl = clamp(_TTL.unpack_from(wire, offset)[0], min_ttl, max_ttl)
+    offsets = [r.ttl_offset for r in found if r.rtype != TYPE_OPT]
+    ttls = [clamp(r.ttl, min_ttl, max_ttl) for r in found if r.rtype != TYPE_OPT]
+    for offset, ttl in zip(offsets, ttls, strict=True):
         _TTL.pack_into(wire, offset, ttl)
-        ttls.append(ttl)
-    addresses = tuple(ipaddress.ip_address(str(rr.rdata)) for rr in address_rrs)
-    address_ttl = max((clamp(rr.ttl, min_ttl, max_ttl) for rr in address_rrs), default=0)
-    rcode = record.header.rcode
+    addresses = tuple(
+        ipaddress.ip_address(response[r.rdata : r.rdata + r.rdlength]) for r in address_records
+    )
+    address_ttl = max((clamp(r.ttl, min_ttl, max_ttl) for r in address_records), default=0)
+    rcode = struct.unpack_from("!H", response, 2)[0] & RCODE_MASK
     cache_ttl = min(ttls) if ttls else min_ttl
     return Answer(
         wire=bytes(wire),
@@ -106,8 +122,22 @@ def prepare(
         ttl=cache_ttl if rcode in (NOERROR, NXDOMAIN) else 0,
         stored_at=now,
         capped=capped,
-        rcode=int(rcode),
+        rcode=rcode,
     )
+
+
+def _keep_addresses(response: bytes, chain: set[str], limit: int) -> bytes:
+    """The response with only the first ``limit`` address records of the chain, via dnslib."""
+    record = DNSRecord.parse(response)
+    kept, seen = [], 0
+    for rr in record.rr:
+        if rr.rtype in (TYPE_A, TYPE_AAAA) and str(rr.rname).rstrip(".").lower() in chain:
+            seen += 1
+            if seen > limit:
+                continue
+        kept.append(rr)
+    record.rr = kept
+    return bytes(record.pack())
 
 
 class AnswerCache:

@@ -40,6 +40,11 @@ def answers(question: Question, response: bytes) -> bool:
     return (name, qtype, qclass) == (question.name, question.qtype, question.qclass)
 
 
+def _time_out(future: asyncio.Future[bytes]) -> None:
+    if not future.done():
+        future.set_exception(UpstreamError("timed out"))
+
+
 @dataclass
 class _Server(asyncio.DatagramProtocol):
     address: Address
@@ -122,14 +127,16 @@ class Upstream:
         ident = secrets.randbits(16)
         while ident in server.pending:
             ident = secrets.randbits(16)
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bytes] = loop.create_future()
         server.pending[ident] = (question, future)
+        # a plain timer on the future: wait_for would wrap every query in a task of its own
+        timer = loop.call_later(self.timeout_s, _time_out, future)
         try:
             server.transport.sendto(struct.pack("!H", ident) + query[2:])
-            return await asyncio.wait_for(future, self.timeout_s)
-        except TimeoutError:
-            raise UpstreamError("timed out") from None
+            return await future
         finally:
+            timer.cancel()
             server.pending.pop(ident, None)
 
     async def _tcp(self, server: _Server, question: Question, query: bytes) -> bytes:

@@ -135,6 +135,40 @@ def parse_question(msg: bytes) -> Question:
     return Question(ident, flags, name, qtype, qclass, end, udp_size, dnssec_ok, key)
 
 
+class Record(NamedTuple):
+    section: int  # 0 answer, 1 authority, 2 additional
+    name: str
+    rtype: int
+    ttl: int
+    ttl_offset: int
+    rdata: int  # offset of the record data
+    rdlength: int
+
+
+def records(msg: bytes) -> list[Record]:
+    """Every resource record after the question, with offsets; raises WireError if malformed."""
+    if len(msg) < HEADER.size:
+        raise WireError("shorter than a DNS header")
+    _id, _flags, qdcount, ancount, nscount, arcount = HEADER.unpack_from(msg)
+    pos = HEADER.size
+    for _ in range(qdcount):
+        pos = skip_name(msg, pos) + 4
+    out: list[Record] = []
+    counts = (ancount, nscount, arcount)
+    for section, count in enumerate(counts):
+        for _ in range(count):
+            name, pos = read_name(msg, pos)
+            if pos + _RR_FIXED.size > len(msg):
+                raise WireError("truncated record")
+            rtype, _rclass, ttl, rdlength = _RR_FIXED.unpack_from(msg, pos)
+            rdata = pos + _RR_FIXED.size
+            if rdata + rdlength > len(msg):
+                raise WireError("record data runs past the end")
+            out.append(Record(section, name, rtype, ttl, pos + 4, rdata, rdlength))
+            pos = rdata + rdlength
+    return out
+
+
 def ttl_offsets(msg: bytes) -> list[int]:
     """Offsets of the TTL field of every record except OPT (whose 'TTL' holds flags)."""
     if len(msg) < HEADER.size:
