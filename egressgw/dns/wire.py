@@ -1,9 +1,9 @@
 """The few DNS wire-format operations on the hot path, without building record objects.
 
-In: raw messages. Out: the question of a query; the offsets of every TTL in a response (so a
-cached answer is served by patching bytes); minimal local responses (NXDOMAIN, REFUSED, SERVFAIL,
-FORMERR, truncated). Anything this module cannot walk raises ``WireError``; upstream answers are
-parsed fully with dnslib elsewhere. Pure: no I/O.
+In: raw messages. Out: the question of a query; the records of a response with their offsets,
+so a cached answer is served by patching bytes and an upstream answer is read in one pass; small
+local responses (NXDOMAIN, REFUSED, SERVFAIL, FORMERR, truncated). Anything this module cannot
+walk raises ``WireError``. Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -167,28 +167,6 @@ def records(msg: bytes) -> list[Record]:
             out.append(Record(section, name, rtype, ttl, pos + 4, rdata, rdlength))
             pos = rdata + rdlength
     return out
-
-
-def ttl_offsets(msg: bytes) -> list[int]:
-    """Offsets of the TTL field of every record except OPT (whose 'TTL' holds flags)."""
-    if len(msg) < HEADER.size:
-        raise WireError("shorter than a DNS header")
-    _id, _flags, qdcount, ancount, nscount, arcount = HEADER.unpack_from(msg)
-    pos = HEADER.size
-    for _ in range(qdcount):
-        pos = skip_name(msg, pos) + 4
-    offsets: list[int] = []
-    for _ in range(ancount + nscount + arcount):
-        pos = skip_name(msg, pos)
-        if pos + _RR_FIXED.size > len(msg):
-            raise WireError("truncated record")
-        rtype, _rclass, _ttl, rdlength = _RR_FIXED.unpack_from(msg, pos)
-        if rtype != TYPE_OPT:
-            offsets.append(pos + 4)
-        pos += _RR_FIXED.size + rdlength
-    if pos > len(msg):
-        raise WireError("record data runs past the end")
-    return offsets
 
 
 def local_response(query: bytes, question: Question | None, rcode: int) -> bytes:
