@@ -109,13 +109,23 @@ def _header(msg: nfgen_msg, msg_type: int, flags: int, seq: int) -> None:
     msg["nfgen_family"] = NFPROTO_INET
 
 
-def _control(msg_type: int, seq: int) -> bytes:
+def control_with_pyroute2(msg_type: int, seq: int) -> bytes:
+    """A batch begin or end message built with pyroute2 (the reference for ``_control``)."""
     msg = nfgen_msg()
     msg["res_id"] = NFNL_SUBSYS_NFTABLES
     _header(msg, msg_type, NLM_F_REQUEST, seq)
     msg["nfgen_family"] = 0
     msg.encode()
     return bytes(msg.data)
+
+
+_BATCH_RES_ID = struct.Struct("!H").pack(NFNL_SUBSYS_NFTABLES)  # nfgenmsg.res_id is big endian
+
+
+def _control(msg_type: int, seq: int) -> bytes:
+    """A batch begin or end message: every change pays for two, so they are packed directly."""
+    body = struct.pack("=BB", 0, 0) + _BATCH_RES_ID
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), msg_type, NLM_F_REQUEST, seq, 0) + body
 
 
 def _chunks(elements: Sequence[Element]) -> Iterator[Sequence[Element]]:

@@ -6,7 +6,17 @@ import ipaddress
 
 import pytest
 
-from egressgw.datapath.netlink import Change, Element, Op, encode_elements, encode_with_pyroute2
+from egressgw.datapath.netlink import (
+    NFNL_MSG_BATCH_BEGIN,
+    NFNL_MSG_BATCH_END,
+    Change,
+    Element,
+    Op,
+    _control,
+    control_with_pyroute2,
+    encode_elements,
+    encode_with_pyroute2,
+)
 from egressgw.datapath.state import Box, Learned
 
 ADDR = ipaddress.ip_address("198.51.100.7")
@@ -24,3 +34,8 @@ CASES = [
 def test_fast_encoder_matches_pyroute2_byte_for_byte(change: Change) -> None:
     fast = encode_elements("egressgw", change, change.elements, 4242)
     assert fast == encode_with_pyroute2("egressgw", change, change.elements, 4242)
+
+
+@pytest.mark.parametrize("kind", [NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END])
+def test_batch_control_messages_match_pyroute2(kind: int) -> None:
+    assert _control(kind, 77) == control_with_pyroute2(kind, 77)
