@@ -58,6 +58,9 @@ PLAN_NOTES = Gauge("egressgw_plan_conflicts", "Conflicts noted in the last plan"
 DNS_QUERIES = Counter(
     "egressgw_dns_queries_total", "DNS queries by verdict and reason", ["verdict", "reason"]
 )
+DNS_DROPPED_REPLIES = Counter(
+    "egressgw_dns_dropped_replies_total", "UDP answers dropped because the socket buffer was full"
+)
 DNS_CACHE = Counter("egressgw_dns_cache_total", "Answer cache look-ups", ["result"])
 DNS_UPSTREAM_SECONDS = Histogram(
     "egressgw_dns_upstream_duration_seconds",
