@@ -357,16 +357,7 @@ class LeaseOwnership:
     ) -> None:
         lease.spec = self._spec(taking, lease)
         _meta(lease).labels = {**(_meta(lease).labels or {}), GATEWAY_LABEL: gateway.name}
-        try:
-            self.coordination.replace_namespaced_lease(
-                _meta(lease).name or "",
-                self.namespace,
-                lease,
-                _request_timeout=self.timing.request_timeout_s,
-            )
-        except ApiException as exc:
-            if exc.status not in (404, 409):
-                raise
+        if not self._replace(lease):
             self.stats.conflicts += 1
             return  # someone else wrote first; the next round reads who
         if taking:
@@ -377,6 +368,22 @@ class LeaseOwnership:
                     self._note(f"holding {address} (Lease already ours)")
                     self.stats.acquired += 1
                 self._held[address] = _Held(now)
+
+    def _replace(self, lease: client.V1Lease) -> bool:
+        """Write a Lease back over the resourceVersion it was read with; False when someone
+        else changed or deleted it first (409 or 404), which is never an error here."""
+        try:
+            self.coordination.replace_namespaced_lease(
+                _meta(lease).name or "",
+                self.namespace,
+                lease,
+                _request_timeout=self.timing.request_timeout_s,
+            )
+        except ApiException as exc:
+            if exc.status not in (404, 409):
+                raise
+            return False
+        return True
 
     def _took(self, address: IPAddress, now: float) -> None:
         with self._lock:
@@ -394,15 +401,6 @@ class LeaseOwnership:
             and lease.spec.holder_identity == self.node_name
         ):
             lease.spec.holder_identity = None
-            try:
-                self.coordination.replace_namespaced_lease(
-                    _meta(lease).name or "",
-                    self.namespace,
-                    lease,
-                    _request_timeout=self.timing.request_timeout_s,
-                )
-            except ApiException as exc:
-                if exc.status not in (404, 409):
-                    raise
+            self._replace(lease)  # if someone else wrote first, it is not ours to release
         with self._lock:
             self._to_release.discard(address)
