@@ -12,7 +12,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -52,32 +52,44 @@ class Topology:
 
     def listen(self, address: str, port: int) -> None:
         """A TCP server in the server namespace that records each peer and echoes a line."""
-        family = socket.AF_INET6 if ":" in address else socket.AF_INET
-
-        def make() -> socket.socket:
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((address, port))
-            sock.listen(64)
-            return sock
-
-        sock = call_in(self.server, make)
-        self.servers.append(sock)
-
-        def serve() -> None:
-            while True:
-                try:
-                    conn, peer = sock.accept()
-                except OSError:
-                    return
-                self.peers.append(peer[0])
-                threading.Thread(target=_echo, args=(conn,), daemon=True).start()
-
-        threading.Thread(target=serve, daemon=True).start()
+        self.servers.append(tcp_listener(self.server, address, port, self.peers, _echo))
 
     def connect(self, address: str, port: int, timeout: float = 2.0) -> socket.socket:
         """A TCP connection from the client namespace; raises OSError if it fails."""
         return call_in(self.client, lambda: socket.create_connection((address, port), timeout))
+
+
+def tcp_listener(
+    ns: str,
+    address: str,
+    port: int,
+    peers: list[str],
+    handle: Callable[[socket.socket], None],
+) -> socket.socket:
+    """A TCP server inside ``ns``: each peer's address is appended to ``peers`` and the connection
+    handed to ``handle`` on a thread of its own. Closing the returned socket stops it."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+
+    def make() -> socket.socket:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((address, port))
+        sock.listen(64)
+        return sock
+
+    sock = call_in(ns, make)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, peer = sock.accept()
+            except OSError:
+                return
+            peers.append(peer[0])
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return sock
 
 
 def _echo(conn: socket.socket) -> None:

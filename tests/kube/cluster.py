@@ -18,7 +18,6 @@ import contextlib
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -30,6 +29,7 @@ from typing import Any
 from egressgw.datapath.netns import call_in
 from egressgw.kube.fake_apiserver import FakeApiServer, kubeconfig
 from tests.conftest import require_kernel, unique_name
+from tests.kernel.topology import tcp_listener
 
 SERVER = "203.0.113.10"
 POD_IP = "192.0.2.10"
@@ -146,27 +146,8 @@ class Network:
         return {word.split("/")[0] for word in out.split() if word.endswith("/32")}
 
     def listen(self, port: int) -> None:
-        def make() -> socket.socket:
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((SERVER, port))
-            sock.listen(64)
-            return sock
-
-        sock = call_in(self.server, make)
-        self.listeners.append(sock)
-
-        def serve() -> None:
-            while True:
-                try:
-                    conn, peer = sock.accept()
-                except OSError:
-                    return
-                self.peers.append(peer[0])
-                with conn, contextlib.suppress(OSError):
-                    conn.sendall(b"ok\n")
-
-        threading.Thread(target=serve, daemon=True).start()
+        """A TCP server on SERVER that records each peer and answers "ok"."""
+        self.listeners.append(tcp_listener(self.server, SERVER, port, self.peers, _say_ok))
 
     def source_seen(self, via: str, port: int, timeout: float = 1.0) -> str | None:
         """The source address the server saw for a connection through ``via``; None if none."""
@@ -279,3 +260,8 @@ class GatewayDaemon:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
+
+
+def _say_ok(conn: socket.socket) -> None:
+    with conn, contextlib.suppress(OSError):
+        conn.sendall(b"ok\n")
