@@ -50,7 +50,6 @@ class Workload:
 class IdentityRegistry:
     def __init__(self, adopted: Mapping[int, str] | None = None) -> None:
         self._by_comment: dict[str, int] = {}
-        self._keys: dict[int, IdentityKey] = {}
         for number, comment in (adopted or {}).items():
             if number > 0 and comment:
                 self._by_comment.setdefault(comment, number)
@@ -63,7 +62,6 @@ class IdentityRegistry:
         if found is None:
             found = self._allocate()
             self._by_comment[key.comment] = found
-        self._keys[found] = key
         return found
 
     def _allocate(self) -> int:
@@ -80,12 +78,8 @@ class IdentityRegistry:
         for comment in [c for c in self._by_comment if c not in keep]:
             number = self._by_comment.pop(comment)
             self._reserved.discard(number)
-            self._keys.pop(number, None)
             self._next = min(self._next, number)
         return {n: c for c, n in self._by_comment.items()}
-
-    def key(self, number: int) -> IdentityKey | None:
-        return self._keys.get(number)
 
 
 class WorkloadTable:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from egressgw.datapath import keys, skeleton
@@ -266,20 +266,5 @@ class NftDatapath:
                     counts[identity] = counts.get(identity, 0) + 1
             return counts
 
-    def learned_count(self) -> int:
-        return sum(len(m) for m in self._learned.values())
-
     def static_count(self, set_name: str) -> int:
         return len(self._static.get(set_name, {}))
-
-
-def learned_for(
-    identity: int, addresses: Sequence[keys.IPAddress], ports: Sequence[tuple[int | None, int, int]]
-) -> list[Learned]:
-    """Learned elements for addresses on (protocol, first port, last port) specs;
-    ``protocol=None`` means any port and protocol."""
-    out: list[Learned] = []
-    for address in addresses:
-        for protocol, lo, hi in ports:
-            out.append(Learned(identity, address, protocol, (lo, hi)))
-    return out

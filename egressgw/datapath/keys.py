@@ -51,12 +51,3 @@ def proto(number: int) -> bytes:
 
 def port(number: int) -> bytes:
     return _PORT.pack(number)
-
-
-def split_fields(raw: bytes, widths: tuple[int, ...]) -> list[bytes]:
-    """Cut a concatenated key into its (padded) fields."""
-    fields, offset = [], 0
-    for width in widths:
-        fields.append(raw[offset : offset + width])
-        offset += (width + 3) & ~3
-    return fields

@@ -11,7 +11,7 @@ caller for the same reason.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from egressgw.datapath import keys
@@ -202,10 +202,3 @@ def _disjoint_of_family(boxes: Iterable[Box], family: int) -> Iterator[Box]:
 def same_element(a: Element, b: Element) -> bool:
     """Equal as far as the control plane is concerned (data and comment included)."""
     return (a.key, a.key_end, a.data, a.comment) == (b.key, b.key_end, b.data, b.comment)
-
-
-def elements_by_set(learned: Iterable[Learned], timeout_ms: int) -> Mapping[str, list[Element]]:
-    out: dict[str, list[Element]] = {}
-    for item in learned:
-        out.setdefault(item.set_name, []).append(item.element(timeout_ms))
-    return out

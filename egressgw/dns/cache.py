@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass
 
 from cachetools import LRUCache
-from dnslib import RCODE, DNSRecord
+from dnslib import DNSRecord
 
 from egressgw.dns.wire import (
     HEADER,
@@ -159,6 +159,3 @@ class AnswerCache:
 
     def __len__(self) -> int:
         return len(self._entries)
-
-
-__all__ = ["RCODE", "Answer", "AnswerCache", "clamp", "prepare"]
