@@ -132,6 +132,7 @@ class Deferred(NamedTuple):
     verdict: NameDecision | None  # None: passthrough domain, nothing to program
     udp: bool
     label: str
+    source: Source
 
 
 class _Budget:
@@ -245,6 +246,14 @@ class Interceptor:
         # (identity, question, answer stored_at) -> until when its addresses are programmed:
         # a cache hit that is already covered costs one dict look-up, no element encoding.
         self._programmed: dict[tuple[int, tuple[object, ...], float], float] = {}
+        # (source, UDP query without its ID) -> (until when, reply without its ID): a repeated
+        # query is answered from here with no parsing and no decision, as long as nothing it
+        # depended on can have changed. Filled only after the answer's addresses were programmed
+        # for that source's identity; valid only within the second in which the TTLs it carries
+        # stay the same; emptied by every policy update and every eviction of learned elements.
+        self._replies: dict[tuple[Source, bytes], tuple[float, bytes, str]] = {}
+        self._replies_max = min(settings.cache_size, 16384)
+        self._replied: dict[str, int] = {}  # label -> replies from there not yet counted
         self.recent_denials: deque[DecisionRecord] = deque(maxlen=settings.recent_denials)
         self._cap_logged: dict[int, float] = {}  # identity -> when its cap was last logged
 
@@ -261,6 +270,20 @@ class Interceptor:
     def update(self, view: PolicyView) -> None:
         self.view = view
         self._programmed.clear()  # identities may have been renumbered or removed
+        self._replies.clear()
+
+    def flush_counts(self) -> None:
+        """Add the replies answered from the reply memo to the metrics (the server calls this
+        after each batch, so the per-query path does not take the metrics' locks)."""
+        if self._replied:
+            replied, self._replied = self._replied, {}
+            for label, n in replied.items():
+                self._cache_hit.inc(n)
+                child = self._counters.get((label, "resolved"))
+                if child is None:
+                    child = metrics.DNS_QUERIES.labels(label, "resolved")
+                    self._counters[(label, "resolved")] = child
+                child.inc(n)
 
     # -- entry points ---------------------------------------------------------------------
     async def handle(self, query: bytes, source: Source, udp: bool = True) -> bytes | None:
@@ -273,6 +296,14 @@ class Interceptor:
     def answer_now(self, query: bytes, source: Source, udp: bool = True) -> bytes | Deferred | None:
         """Everything that needs no upstream round trip, synchronously (cache hits included);
         a ``Deferred`` when the upstream must be asked (then ``await resolve(deferred)``)."""
+        if udp:
+            ready = self._replies.get((source, query[2:]))
+            if ready is not None and ready[0] > self.clock():
+                if not self._limiter.allow(source):
+                    self._count("dropped", "rate limited")
+                    return None
+                self._replied[ready[2]] = self._replied.get(ready[2], 0) + 1
+                return query[:2] + ready[1]
         try:
             return self._answer_now(query, source, udp)
         except Exception:  # the server never dies of a packet
@@ -312,7 +343,7 @@ class Interceptor:
             self._log(None, source, question, "refused", "source is not a known workload", None)
             return self._local(query, question, REFUSED, "refused", "unknown source")
         if self._is_passthrough(question.name):
-            deferred = Deferred(query, question, workload, None, udp, "passthrough")
+            deferred = Deferred(query, question, workload, None, udp, "passthrough", source)
         else:
             verdict = self.view.names.decide(workload.identity, question.name)
             if not verdict.allowed:
@@ -320,7 +351,7 @@ class Interceptor:
                 rcode = self.settings.deny_rcode
                 return self._local(query, question, rcode, "deny", "denied by policy")
             label = "audit" if verdict.decision.verdict is Verdict.AUDIT else "allow"
-            deferred = Deferred(query, question, workload, verdict, udp, label)
+            deferred = Deferred(query, question, workload, verdict, udp, label, source)
         now = self.clock()
         answer = self.cache.get(question.cache_key, now)
         if answer is None:
@@ -394,7 +425,14 @@ class Interceptor:
             self._log(d.workload, None, question, d.label, reason, d.verdict, answer)
         self._count(d.label, "resolved")
         if d.udp and len(wire) > question.udp_size:
-            return truncated(wire, question, d.query)
+            wire = truncated(wire, question, d.query)
+        if d.udp and d.label != "audit" and not log.isEnabledFor(logging.DEBUG):
+            # the same query again within this second gets these bytes (audit decisions and
+            # debug logging need their line per query, so those always come through here)
+            if len(self._replies) >= self._replies_max:
+                self._replies.clear()
+            until = answer.stored_at + int(now - answer.stored_at) + 1
+            self._replies[(d.source, d.query[2:])] = (until, wire[2:], d.label)
         return wire
 
     def _program(
@@ -417,6 +455,7 @@ class Interceptor:
         try:
             if evicted:
                 self._programmed.clear()  # some cached answers are no longer fully programmed
+                self._replies.clear()
                 self.datapath.revoke(evicted)
                 metrics.DNS_CAP_HITS.labels(workload.namespace, "identity").inc()
                 if now - self._cap_logged.get(workload.identity, -CAP_LOG_INTERVAL_S) >= (

@@ -40,6 +40,12 @@ class _Udp:
         self.tasks: set[asyncio.Task[None]] = set()
 
     def readable(self) -> None:
+        try:
+            self._drain()
+        finally:
+            self.interceptor.flush_counts()
+
+    def _drain(self) -> None:
         answer_now = self.interceptor.answer_now
         for _ in range(self.BATCH):
             try:

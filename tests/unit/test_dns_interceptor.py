@@ -9,6 +9,7 @@ import pytest
 from dnslib import QTYPE, RCODE, DNSRecord
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client import REGISTRY
 
 from egressgw.datapath.fake import FakeDatapath
 from egressgw.dns.fake_upstream import FakeUpstream
@@ -361,3 +362,69 @@ def test_an_identity_at_its_cap_keeps_the_latest_expiring_and_logs_sparingly(
     allowed = env.datapath.allowed(env.identity(API))
     assert allowed == {str(ipaddress.ip_address(f"2001:db8:5::{i:x}")) for i in range(200, 300)}
     assert sum("at its cap" in r.getMessage() for r in caplog.records) == 1
+
+
+def _sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_a_repeated_query_gets_its_own_id_and_ttls_that_keep_counting_down() -> None:
+    env = Env()
+    hits = _sample("egressgw_dns_cache_total", result="hit")
+    resolved = _sample("egressgw_dns_queries_total", verdict="allow", reason="resolved")
+    for step in range(30):
+        if step == 0:  # a miss: the upstream is asked
+            assert env.ask("db.lab.example").rr[0].ttl == 60
+            continue
+        query = DNSRecord.question("db.lab.example", "A")
+        raw = env.interceptor.answer_now(bytes(query.pack()), str(API))
+        assert isinstance(raw, bytes)
+        reply = DNSRecord.parse(raw)
+        assert reply.header.id == query.header.id
+        assert addresses(reply) == ["203.0.113.10"]
+        assert reply.rr[0].ttl == 60 - int(env.clock.now - 1000.0), step
+        env.clock.now += 0.4
+    env.interceptor.flush_counts()
+    assert env.upstream.asked["db.lab.example"] == 1
+    # the first answer_now was a miss; every later query was a hit and counted as resolved
+    assert _sample("egressgw_dns_cache_total", result="hit") - hits == 29
+    assert _sample("egressgw_dns_queries_total", verdict="allow", reason="resolved") == (
+        resolved + 30
+    )
+
+
+def test_a_policy_update_applies_to_the_very_next_repeated_query() -> None:
+    env = Env()
+    assert addresses(env.ask("db.lab.example")) == ["203.0.113.10"]
+    assert addresses(env.ask("db.lab.example")) == ["203.0.113.10"]
+    narrower = policy("payments", "api", Peer(fqdn="web.lab.example"))
+    plan = build(snapshot(narrower), IdentityRegistry())
+    env.interceptor.update(PolicyView(plan.workloads, NamePolicy(plan.selections)))
+    assert env.ask("db.lab.example").header.rcode == RCODE.NXDOMAIN
+
+
+def test_a_repeated_answer_is_programmed_again_after_its_addresses_were_evicted() -> None:
+    env = Env(max_addresses_per_identity=1)
+    api = env.identity(API)
+    env.ask("db.lab.example")
+    env.ask("www.cdn.lab.example")  # the identity's one address is now this one
+    assert env.datapath.allowed(api) == {"203.0.113.21"}
+    assert addresses(env.ask("db.lab.example")) == ["203.0.113.10"]
+    assert env.datapath.allowed(api) == {"203.0.113.10"}
+
+
+def test_every_repeated_audit_decision_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    env = Env(policy("payments", "api", Peer(fqdn="web.lab.example"), mode=Mode.AUDIT))
+    with caplog.at_level("INFO", logger="egressgw.dns"):
+        for _ in range(3):
+            assert addresses(env.ask("db.lab.example")) == ["203.0.113.10"]
+    lines = [r.getMessage() for r in caplog.records if "verdict=audit" in r.getMessage()]
+    assert len(lines) == 3
+
+
+def test_the_rate_limit_holds_for_repeated_allowed_queries() -> None:
+    env = Env(rate_per_source_qps=1, burst_per_source=5)
+    results = [
+        asyncio.run(env.interceptor.handle(Env.query("db.lab.example"), str(API))) for _ in range(8)
+    ]
+    assert sum(r is None for r in results) == 3
