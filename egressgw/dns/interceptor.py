@@ -48,6 +48,8 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Source = str  # the query's source address as the socket reports it
 Clock = Callable[[], float]
 CAP_LOG_INTERVAL_S = 60.0
+DROP = b""  # ``ready``'s answer for a query that gets no reply
+READY_LABELS = ("allow", "passthrough")  # the verdicts ``ready`` may repeat (audit logs each)
 TYPE_NAMES = {1: "A", 28: "AAAA", 5: "CNAME", 15: "MX", 16: "TXT", 33: "SRV", 12: "PTR", 6: "SOA"}
 
 
@@ -202,27 +204,30 @@ def _learned(
 
 
 class _RateLimiter:
-    """A token bucket per source address. Buckets idle for a minute are dropped in bulk."""
+    """Per source a token bucket, kept as one number: the time by which its queries so far are
+    paid for at ``rate`` (GCRA). A query is allowed while that time, plus the query's own cost,
+    is at most ``burst`` queries' worth ahead of now. Sources that owe nothing are forgotten in
+    bulk when ``max_sources`` are tracked."""
 
-    def __init__(self, rate: float, burst: float, clock: Clock, max_sources: int = 65536) -> None:
-        self.rate, self.burst, self.clock = rate, burst, clock
+    def __init__(self, rate: float, burst: float, max_sources: int = 65536) -> None:
+        self.interval = 1.0 / rate
+        self.tolerance = burst * self.interval * (1 + 1e-9)  # sums of intervals round up
         self.max_sources = max_sources
-        self._buckets: dict[Source, list[float]] = {}
+        self._paid_until: dict[Source, float] = {}
 
-    def allow(self, source: Source) -> bool:
-        now = self.clock()
-        bucket = self._buckets.get(source)
-        if bucket is None:
-            if len(self._buckets) >= self.max_sources:
-                self._buckets = {k: b for k, b in self._buckets.items() if now - b[1] < 60}
-            self._buckets[source] = [self.burst - 1, now]
-            return True
-        tokens = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
-        bucket[1] = now
-        if tokens < 1:
-            bucket[0] = tokens
+    def allow(self, source: Source, now: float) -> bool:
+        paid_until = self._paid_until.get(source)
+        if paid_until is None:
+            if len(self._paid_until) >= self.max_sources:
+                owing = {k: t for k, t in self._paid_until.items() if t > now}
+                self._paid_until = owing if len(owing) < self.max_sources else {}
+            paid_until = now
+        elif paid_until < now:
+            paid_until = now
+        paid_until += self.interval
+        if paid_until - now > self.tolerance:
             return False
-        bucket[0] = tokens - 1
+        self._paid_until[source] = paid_until
         return True
 
 
@@ -241,7 +246,7 @@ class Interceptor:
         self.view = PolicyView()
         self.cache = AnswerCache(settings.cache_size)
         self._budget = _Budget()
-        self._limiter = _RateLimiter(settings.rate_per_source_qps, settings.burst_per_source, clock)
+        self._limiter = _RateLimiter(settings.rate_per_source_qps, settings.burst_per_source)
         self._passthrough = tuple(d.strip(".").lower() for d in settings.passthrough_domains)
         # (identity, question, answer stored_at) -> until when its addresses are programmed:
         # a cache hit that is already covered costs one dict look-up, no element encoding.
@@ -251,9 +256,9 @@ class Interceptor:
         # depended on can have changed. Filled only after the answer's addresses were programmed
         # for that source's identity; valid only within the second in which the TTLs it carries
         # stay the same; emptied by every policy update and every eviction of learned elements.
-        self._replies: dict[tuple[Source, bytes], tuple[float, bytes, str]] = {}
+        self._replies: dict[tuple[Source, bytes], tuple[float, bytes, int]] = {}
         self._replies_max = min(settings.cache_size, 16384)
-        self._replied: dict[str, int] = {}  # label -> replies from there not yet counted
+        self._replied = [0] * len(READY_LABELS)  # replies given by ``ready``, not yet counted
         self.recent_denials: deque[DecisionRecord] = deque(maxlen=settings.recent_denials)
         self._cap_logged: dict[int, float] = {}  # identity -> when its cap was last logged
 
@@ -273,12 +278,14 @@ class Interceptor:
         self._replies.clear()
 
     def flush_counts(self) -> None:
-        """Add the replies answered from the reply memo to the metrics (the server calls this
-        after each batch, so the per-query path does not take the metrics' locks)."""
-        if self._replied:
-            replied, self._replied = self._replied, {}
-            for label, n in replied.items():
+        """Add the replies given by ``ready`` to the metrics (the server calls this after each
+        batch, so the per-query path does not take the metrics' locks)."""
+        replied = self._replied
+        for index, n in enumerate(replied):
+            if n:
+                replied[index] = 0
                 self._cache_hit.inc(n)
+                label = READY_LABELS[index]
                 child = self._counters.get((label, "resolved"))
                 if child is None:
                     child = metrics.DNS_QUERIES.labels(label, "resolved")
@@ -287,23 +294,35 @@ class Interceptor:
 
     # -- entry points ---------------------------------------------------------------------
     async def handle(self, query: bytes, source: Source, udp: bool = True) -> bytes | None:
-        """The response to one query, or None to drop it."""
+        """The response to one query, or None to drop it (for UDP: ``ready``, then the rest)."""
+        if udp:
+            tail = self.ready(source, query[2:])
+            if tail is not None:
+                return query[:2] + tail if tail else None
         result = self.answer_now(query, source, udp)
         if isinstance(result, Deferred):
             return await self.resolve(result)
         return result
 
+    def ready(self, source: Source, rest: bytes) -> bytes | None:
+        """For a UDP query (``rest``: its bytes after the 2-byte ID) that this source asked
+        within the second: the reply after its ID; ``DROP`` when the rate limit drops it; None
+        when it must go through ``answer_now``. This is the whole cost of a repeated query."""
+        entry = self._replies.get((source, rest))
+        if entry is None:
+            return None
+        now = self.clock()
+        if entry[0] <= now:
+            return None
+        if not self._limiter.allow(source, now):
+            self._count("dropped", "rate limited")
+            return DROP
+        self._replied[entry[2]] += 1
+        return entry[1]
+
     def answer_now(self, query: bytes, source: Source, udp: bool = True) -> bytes | Deferred | None:
         """Everything that needs no upstream round trip, synchronously (cache hits included);
         a ``Deferred`` when the upstream must be asked (then ``await resolve(deferred)``)."""
-        if udp:
-            ready = self._replies.get((source, query[2:]))
-            if ready is not None and ready[0] > self.clock():
-                if not self._limiter.allow(source):
-                    self._count("dropped", "rate limited")
-                    return None
-                self._replied[ready[2]] = self._replied.get(ready[2], 0) + 1
-                return query[:2] + ready[1]
         try:
             return self._answer_now(query, source, udp)
         except Exception:  # the server never dies of a packet
@@ -324,7 +343,7 @@ class Interceptor:
             return None
 
     def _answer_now(self, query: bytes, source: Source, udp: bool) -> bytes | Deferred | None:
-        if not self._limiter.allow(source):
+        if not self._limiter.allow(source, self.clock()):
             self._count("dropped", "rate limited")
             return None
         try:
@@ -426,13 +445,14 @@ class Interceptor:
         self._count(d.label, "resolved")
         if d.udp and len(wire) > question.udp_size:
             wire = truncated(wire, question, d.query)
-        if d.udp and d.label != "audit" and not log.isEnabledFor(logging.DEBUG):
+        if d.udp and d.label in READY_LABELS and not log.isEnabledFor(logging.DEBUG):
             # the same query again within this second gets these bytes (audit decisions and
             # debug logging need their line per query, so those always come through here)
             if len(self._replies) >= self._replies_max:
                 self._replies.clear()
             until = answer.stored_at + int(now - answer.stored_at) + 1
-            self._replies[(d.source, d.query[2:])] = (until, wire[2:], d.label)
+            label = READY_LABELS.index(d.label)
+            self._replies[(d.source, d.query[2:])] = (until, wire[2:], label)
         return wire
 
     def _program(
