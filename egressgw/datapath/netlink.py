@@ -41,6 +41,7 @@ NLM_F_MULTI = 2
 _NLMSGHDR = struct.Struct("=IHHII")
 _MAX_ELEMENTS_PER_MESSAGE = 1024
 _SOCKET_BUFFER_BYTES = 32 * 1024 * 1024
+_RECEIVE_BYTES = 1 << 20  # more than one netlink datagram holds (dumps come in <= 32 KiB)
 
 
 class Op(Enum):
@@ -228,6 +229,14 @@ class NftSocket:
         self._sock.settimeout(10.0)
         self._seq = 0
         self._lock = threading.Lock()
+        # one receive buffer for the socket's life: a fresh megabyte per recv() would be mapped,
+        # faulted in and unmapped again for every acknowledgement
+        self._buffer = bytearray(_RECEIVE_BYTES)
+        self._view = memoryview(self._buffer)
+
+    def _recv(self) -> bytes:
+        size = self._sock.recv_into(self._buffer)
+        return self._view[:size].tobytes()
 
     def close(self) -> None:
         self._sock.close()
@@ -275,7 +284,7 @@ class NftSocket:
         failure: BatchError | None = None
         while pending:
             try:
-                buffer = self._sock.recv(1 << 20)
+                buffer = self._recv()
             except TimeoutError:
                 if failure is not None:
                     break  # the kernel reported the failure and sent no more acknowledgements
@@ -305,7 +314,7 @@ class NftSocket:
             self._sock.send(bytes(msg.data))
             elements: list[Element] = []
             while True:
-                buffer = self._sock.recv(1 << 22)
+                buffer = self._recv()
                 for msg_type, _flags, reply_seq, raw in _messages(buffer):
                     if reply_seq != seq:
                         continue
