@@ -13,10 +13,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import socket
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import cast
 
 from egressgw import metrics
 from egressgw.dns.wire import HEADER, TC, Question, WireError, read_name
@@ -45,18 +45,61 @@ def _time_out(future: asyncio.Future[bytes]) -> None:
         future.set_exception(UpstreamError("timed out"))
 
 
+_RECEIVE = bytearray(65536)  # one buffer for every upstream socket: they share the loop's thread
+_RECEIVE_VIEW = memoryview(_RECEIVE)
+
+
 @dataclass
-class _Server(asyncio.DatagramProtocol):
+class _Server:
+    """One upstream: a connected, non-blocking UDP socket read from the loop, and the queries
+    waiting for its answers. (asyncio's datagram transport reads with a 256 KiB buffer, which
+    the allocator maps and unmaps again for every answer.)"""
+
     address: Address
     pending: dict[int, tuple[Question, asyncio.Future[bytes]]] = field(default_factory=dict)
-    transport: asyncio.DatagramTransport | None = None
+    sock: socket.socket | None = None
     down_until: float = 0.0  # after a failure, others are asked first until then
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # CPython's selector datagram transport does not subclass DatagramTransport
-        self.transport = cast(asyncio.DatagramTransport, transport)
+    def open(self, loop: asyncio.AbstractEventLoop) -> None:
+        family = socket.AF_INET6 if ":" in self.address[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.connect(self.address)
+            loop.add_reader(sock.fileno(), self.readable)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
 
-    def datagram_received(self, data: bytes, addr: object) -> None:
+    def close(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.sock is not None:
+            loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
+
+    def send(self, datagram: bytes) -> None:
+        if self.sock is None:
+            raise UpstreamError(f"{self.label}: not connected")
+        try:
+            self.sock.send(datagram)
+        except OSError as exc:  # a full socket buffer, or an ICMP error from an earlier query
+            raise UpstreamError(f"{self.label}: {exc}") from None
+
+    def readable(self) -> None:
+        for _ in range(64):  # bounded: the loop's other work gets its turn
+            if self.sock is None:
+                return
+            try:
+                size = self.sock.recv_into(_RECEIVE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # ICMP port unreachable and friends
+                self.error_received(exc)
+                continue
+            self.datagram_received(_RECEIVE_VIEW[:size].tobytes())
+
+    def datagram_received(self, data: bytes) -> None:
         if len(data) < HEADER.size:
             return
         (ident,) = struct.unpack_from("!H", data)
@@ -69,7 +112,7 @@ class _Server(asyncio.DatagramProtocol):
         if not future.done():
             future.set_result(data)
 
-    def error_received(self, exc: Exception) -> None:  # ICMP port unreachable and friends
+    def error_received(self, exc: Exception) -> None:
         for _question, future in self.pending.values():
             if not future.done():
                 future.set_exception(UpstreamError(f"{self.label}: {exc}"))
@@ -86,16 +129,17 @@ class Upstream:
             raise ValueError("at least one upstream is needed")
         self.timeout_s = timeout_s
         self._servers = [_Server(address) for address in servers]
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        self._loop = asyncio.get_running_loop()
         for server in self._servers:
-            await loop.create_datagram_endpoint(lambda s=server: s, remote_addr=server.address)  # type: ignore[misc]
+            server.open(self._loop)
 
     def close(self) -> None:
-        for server in self._servers:
-            if server.transport is not None:
-                server.transport.close()
+        if self._loop is not None:
+            for server in self._servers:
+                server.close(self._loop)
 
     def _candidates(self, now: float) -> list[_Server]:
         """Upstreams in configured order, skipping those that failed recently; when all have,
@@ -122,8 +166,6 @@ class Upstream:
         raise UpstreamError("every upstream failed: " + "; ".join(errors))
 
     async def _udp(self, server: _Server, question: Question, query: bytes) -> bytes:
-        if server.transport is None or server.transport.is_closing():
-            raise UpstreamError(f"{server.label}: not connected")
         ident = secrets.randbits(16)
         while ident in server.pending:
             ident = secrets.randbits(16)
@@ -133,7 +175,7 @@ class Upstream:
         # a plain timer on the future: wait_for would wrap every query in a task of its own
         timer = loop.call_later(self.timeout_s, _time_out, future)
         try:
-            server.transport.sendto(struct.pack("!H", ident) + query[2:])
+            server.send(struct.pack("!H", ident) + query[2:])
             return await future
         finally:
             timer.cancel()
