@@ -74,6 +74,9 @@ class NamePolicy:
         }
         self._cache_size = cache_size
         self._cache: dict[tuple[int, str], NameDecision] = {}  # emptied when full
+        # Names under one pattern share one decision object: unique names then leave nothing
+        # behind for the collector but the cache's key.
+        self._decisions: dict[NameDecision, NameDecision] = {}
 
     def decide(self, identity: int, name: str) -> NameDecision:
         key = (identity, name)
@@ -82,6 +85,8 @@ class NamePolicy:
             found = self._decide(identity, name)
             if len(self._cache) >= self._cache_size:
                 self._cache.clear()
+                self._decisions.clear()
+            found = self._decisions.setdefault(found, found)
             self._cache[key] = found
         return found
 
