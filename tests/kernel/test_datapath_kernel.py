@@ -189,6 +189,31 @@ def test_refresh_extends_an_element_the_kernel_would_not_refresh(
     assert entry["expires"] > 55
 
 
+def test_the_mirror_forgets_what_expired_and_keeps_what_was_extended(topo: Topology) -> None:
+    now = [1000.0]
+    dp = NftDatapath("egressgw", "up0", netns=topo.gateway, clock=lambda: now[0])
+    try:
+        dp.adopt()
+        dp.reconcile(desired(allow_net=set()))
+        short = Learned(PAYMENTS, ipaddress.ip_address(SERVER4), 6, (443, 443))
+        extended = Learned(PAYMENTS, ipaddress.ip_address(SERVER4), 6, (8080, 8080))
+        long = Learned(PAYMENTS, ipaddress.ip_address(SERVER6), 6, (443, 443))
+        assert dp.program([short, extended], lifetime_s=5) == 2
+        assert dp.program([long], lifetime_s=60) == 1
+        now[0] += 3
+        assert dp.program([extended], lifetime_s=60) == 1
+        now[0] += 4  # past the first expiry of short and extended
+        assert dp.forget_expired() == 1
+        assert dp.learned_by_identity() == {PAYMENTS: 2}
+        # still in force in the mirror: asking again for less writes nothing
+        assert dp.program([extended, long], lifetime_s=30) == 0
+        now[0] += 100
+        assert dp.forget_expired() == 2
+        assert dp.learned_by_identity() == {}
+    finally:
+        dp.close()
+
+
 def test_failed_batch_leaves_previous_state(topo: Topology, datapath: NftDatapath) -> None:
     datapath.reconcile(desired())
     good = Learned(PAYMENTS, ipaddress.ip_address(SERVER4), 6, (443, 443)).element(30000)
