@@ -247,7 +247,9 @@ class Interceptor:
         self.cache = AnswerCache(settings.cache_size)
         self._budget = _Budget()
         self._limiter = _RateLimiter(settings.rate_per_source_qps, settings.burst_per_source)
-        self._passthrough = tuple(d.strip(".").lower() for d in settings.passthrough_domains)
+        domains = tuple(d.strip(".").lower() for d in settings.passthrough_domains)
+        self._passthrough = frozenset(domains)
+        self._passthrough_suffixes = tuple("." + d for d in domains)
         # (identity, question, answer stored_at) -> until when its addresses are programmed:
         # a cache hit that is already covered costs one dict look-up, no element encoding.
         self._programmed: dict[tuple[int, tuple[object, ...], float], float] = {}
@@ -387,7 +389,7 @@ class Interceptor:
         return local_response(query, question, rcode)
 
     def _is_passthrough(self, name: str) -> bool:
-        return any(name == d or name.endswith("." + d) for d in self._passthrough)
+        return name in self._passthrough or name.endswith(self._passthrough_suffixes)
 
     async def _resolve(self, d: Deferred) -> bytes:
         question = d.question
