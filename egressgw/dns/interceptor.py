@@ -257,8 +257,10 @@ class Interceptor:
         # query is answered from here with no parsing and no decision, as long as nothing it
         # depended on can have changed. Filled only after the answer's addresses were programmed
         # for that source's identity; valid only within the second in which the TTLs it carries
-        # stay the same; emptied by every policy update and every eviction of learned elements.
-        self._replies: dict[tuple[Source, bytes], tuple[float, bytes, int]] = {}
+        # stay the same and until that identity evicts learned elements at its cap (it carries
+        # the identity's eviction count); emptied by every policy update.
+        self._replies: dict[tuple[Source, bytes], tuple[float, bytes, int, int, int]] = {}
+        self._evictions: dict[int, int] = {}  # identity -> how many times it evicted
         self._replies_max = min(settings.cache_size, 16384)
         self._replied = [0] * len(READY_LABELS)  # replies given by ``ready``, not yet counted
         self.recent_denials: deque[DecisionRecord] = deque(maxlen=settings.recent_denials)
@@ -314,7 +316,7 @@ class Interceptor:
         if entry is None:
             return None
         now = self.clock()
-        if entry[0] <= now:
+        if entry[0] <= now or self._evictions.get(entry[3], 0) != entry[4]:
             return None
         if not self._limiter.allow(source, now):
             self._count("dropped", "rate limited")
@@ -454,7 +456,9 @@ class Interceptor:
                 self._replies.clear()
             until = answer.stored_at + int(now - answer.stored_at) + 1
             label = READY_LABELS.index(d.label)
-            self._replies[(d.source, d.query[2:])] = (until, wire[2:], label)
+            identity = d.workload.identity
+            evictions = self._evictions.get(identity, 0)
+            self._replies[(d.source, d.query[2:])] = (until, wire[2:], label, identity, evictions)
         return wire
 
     def _program(
@@ -477,7 +481,7 @@ class Interceptor:
         try:
             if evicted:
                 self._programmed.clear()  # some cached answers are no longer fully programmed
-                self._replies.clear()
+                self._evictions[workload.identity] = self._evictions.get(workload.identity, 0) + 1
                 self.datapath.revoke(evicted)
                 metrics.DNS_CAP_HITS.labels(workload.namespace, "identity").inc()
                 if now - self._cap_logged.get(workload.identity, -CAP_LOG_INTERVAL_S) >= (

@@ -428,3 +428,25 @@ def test_the_rate_limit_holds_for_repeated_allowed_queries() -> None:
         asyncio.run(env.interceptor.handle(Env.query("db.lab.example"), str(API))) for _ in range(8)
     ]
     assert sum(r is None for r in results) == 3
+
+
+def test_a_workload_at_its_cap_invalidates_only_its_own_repeated_answers() -> None:
+    zone = ZONE + "\nshared.lab.example. 60 A 203.0.113.40\n"
+    everything = Peer(fqdn_pattern="*.lab.example")
+    env = Env(
+        policy("payments", "api", everything),
+        policy("analytics", "etl", everything),
+        zone=zone,
+        max_addresses_per_identity=1,
+    )
+    shared, db = Env.query("shared.lab.example"), Env.query("db.lab.example")
+    env.ask("shared.lab.example", source=ETL)
+    env.ask("db.lab.example")
+    assert env.interceptor.ready(str(ETL), shared[2:]) is not None
+    assert env.interceptor.ready(str(API), db[2:]) is not None
+    env.ask("web.lab.example")  # payments holds one address: db's is evicted
+    assert env.datapath.allowed(env.identity(API)) == {"203.0.113.20"}
+    assert env.interceptor.ready(str(API), db[2:]) is None  # answered again, and programmed
+    assert addresses(env.ask("db.lab.example")) == ["203.0.113.10"]
+    assert env.datapath.allowed(env.identity(API)) == {"203.0.113.10"}
+    assert env.interceptor.ready(str(ETL), shared[2:]) is not None
