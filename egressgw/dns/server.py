@@ -11,6 +11,7 @@ import asyncio
 import logging
 import socket
 import struct
+import time
 from dataclasses import dataclass, field
 
 from egressgw.dns.interceptor import Deferred, Interceptor
@@ -30,12 +31,15 @@ class _Udp:
 
     asyncio's datagram transport wakes the loop and makes two system calls per datagram; under
     load that cost several times what answering from the cache does. Here each wake-up takes up
-    to ``ROUNDS`` batches of ``BATCH`` datagrams with recvmmsg(2) and sends the answers of a
-    batch with one sendmmsg(2) (bounded, so TCP, timers and upstream answers still get a turn).
+    batches of up to ``BATCH`` datagrams with recvmmsg(2), and sends the answers of a batch with
+    one sendmmsg(2). It keeps taking batches while datagrams keep coming, for at most
+    ``BUDGET_S`` (then TCP, timers and upstream answers get their turn): under load one wake-up
+    of the event loop serves a millisecond of queries, whether they are repeated ones (about a
+    hundred) or ones that need the upstream (one batch).
     """
 
     BATCH = 64
-    ROUNDS = 4
+    BUDGET_S = 0.001
 
     def __init__(self, interceptor: Interceptor, sock: socket.socket) -> None:
         self.interceptor = interceptor
@@ -44,10 +48,10 @@ class _Udp:
         self.tasks: set[asyncio.Task[None]] = set()
 
     def readable(self) -> None:
+        deadline = time.perf_counter() + self.BUDGET_S
         try:
-            for _ in range(self.ROUNDS):
-                if self._batch() == 0:
-                    break
+            while self._batch() and time.perf_counter() < deadline:
+                pass
         finally:
             self.interceptor.flush_counts()
 
