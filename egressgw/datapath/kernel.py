@@ -126,12 +126,7 @@ class NftDatapath:
             else:
                 self._static[name] = {e.identity(): e for e in elements}
                 adopted.static += len(elements)
-        self._expiries = [
-            (expiry, next(self._writes), name, key)
-            for name, mirror in self._learned.items()
-            for key, (expiry, _element) in mirror.items()
-        ]
-        heapq.heapify(self._expiries)
+        self._rebuild_expiries()
         for element in self._static["identities"].values():
             adopted.identities[keys.parse_mark(element.key)] = element.comment or ""
         for f in (4, 6):
@@ -261,13 +256,17 @@ class NftDatapath:
                     del mirror[key]
                     dropped += 1
             if len(heap) > 2 * sum(map(len, self._learned.values())) + 4096:
-                self._expiries = [  # mostly superseded or removed entries: start over
-                    (expiry, next(self._writes), name, key)
-                    for name, mirror in self._learned.items()
-                    for key, (expiry, _element) in mirror.items()
-                ]
-                heapq.heapify(self._expiries)
+                self._rebuild_expiries()  # mostly superseded or removed entries: start over
             return dropped
+
+    def _rebuild_expiries(self) -> None:
+        """The expiry heap from the mirror alone: one entry per learned element."""
+        self._expiries = [
+            (expiry, next(self._writes), name, key)
+            for name, mirror in self._learned.items()
+            for key, (expiry, _element) in mirror.items()
+        ]
+        heapq.heapify(self._expiries)
 
     def counters(self) -> dict[int, Traffic]:
         """Packets and bytes toward the uplink per identity, accepted and rejected."""
