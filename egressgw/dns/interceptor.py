@@ -270,11 +270,11 @@ class Interceptor:
         self._cache_hit = metrics.DNS_CACHE.labels("hit")
         self._cache_miss = metrics.DNS_CACHE.labels("miss")
 
-    def _count(self, verdict: str, reason: str) -> None:
+    def _count(self, verdict: str, reason: str, n: int = 1) -> None:
         child = self._counters.get((verdict, reason))
         if child is None:
             child = self._counters[(verdict, reason)] = metrics.DNS_QUERIES.labels(verdict, reason)
-        child.inc()
+        child.inc(n)
 
     def update(self, view: PolicyView) -> None:
         self.view = view
@@ -289,12 +289,7 @@ class Interceptor:
             if n:
                 replied[index] = 0
                 self._cache_hit.inc(n)
-                label = READY_LABELS[index]
-                child = self._counters.get((label, "resolved"))
-                if child is None:
-                    child = metrics.DNS_QUERIES.labels(label, "resolved")
-                    self._counters[(label, "resolved")] = child
-                child.inc(n)
+                self._count(READY_LABELS[index], "resolved", n)
 
     # -- entry points ---------------------------------------------------------------------
     async def handle(self, query: bytes, source: Source, udp: bool = True) -> bytes | None:
