@@ -32,8 +32,11 @@ from typing import Generic, TypeVar
 MAX_NAME_LENGTH = 253  # characters without the trailing dot: 255 octets in wire format
 MAX_LABEL_LENGTH = 63
 _LABEL_CHARS = r"a-z0-9_\-"
-_LABEL_RE = re.compile(rf"^[{_LABEL_CHARS}]+$")
-_WILDCARD_LABEL_RE = re.compile(rf"^[{_LABEL_CHARS}*]+$")
+_LABEL_RE = re.compile(rf"[{_LABEL_CHARS}]+")  # fullmatch only: "$" would let "a\n" through
+_WILDCARD_LABEL_RE = re.compile(rf"[{_LABEL_CHARS}*]+")
+_CANONICAL_LABEL = rf"[a-z0-9_](?:[{_LABEL_CHARS}]{{0,61}}[a-z0-9_])?"
+# a whole name already in canonical form once lower-cased: the common case, checked in one step
+_CANONICAL_NAME_RE = re.compile(rf"{_CANONICAL_LABEL}(?:\.{_CANONICAL_LABEL})*")
 
 
 class InvalidName(ValueError):
@@ -65,8 +68,8 @@ def _canonical_label(label: str, name: str) -> str:
             f"{quoted(name)}: label {quoted(label[:20] + '...')} is {len(label)} octets long;"
             f" the limit is {MAX_LABEL_LENGTH}"
         )
-    if not _LABEL_RE.match(label):
-        bad = "".join(sorted({c for c in label if not _LABEL_RE.match(c)}))
+    if not _LABEL_RE.fullmatch(label):
+        bad = "".join(sorted({c for c in label if not _LABEL_RE.fullmatch(c)}))
         raise InvalidName(
             f"{quoted(name)}: label {quoted(label)} has invalid characters {quoted(bad)};"
             " use letters, digits, '-' and '_'"
@@ -81,6 +84,10 @@ def canonical_name(name: str) -> str:
     if not isinstance(name, str):
         raise InvalidName(f"a DNS name must be a string, got {type(name).__name__}")
     text = name[:-1] if name.endswith(".") else name
+    if text.isascii():
+        lowered = text.lower()
+        if len(lowered) <= MAX_NAME_LENGTH and _CANONICAL_NAME_RE.fullmatch(lowered):
+            return lowered
     if not text:
         raise InvalidName("the DNS name is empty")
     # A cheap bound before IDNA work; the exact limit applies to the encoded form below.
@@ -116,7 +123,7 @@ def _wildcard_label_regex(label: str, pattern: str) -> str:
             f"{quoted(pattern)}: '**' is only allowed as the whole leftmost label,"
             " as in **.example.com"
         )
-    if not _WILDCARD_LABEL_RE.match(label):
+    if not _WILDCARD_LABEL_RE.fullmatch(label):
         raise InvalidPattern(
             f"{quoted(pattern)}: label {quoted(label)} has invalid characters;"
             " use letters, digits, '-', '_' and '*'"
@@ -203,7 +210,10 @@ class FqdnMatcher(Generic[K]):
     def match(self, name: str) -> list[K]:
         """Keys of every exact name and pattern matching ``name`` (canonicalised here), exact
         names first, then patterns from the most specific suffix; raises InvalidName."""
-        canonical = canonical_name(name)
+        return self.match_canonical(canonical_name(name))
+
+    def match_canonical(self, canonical: str) -> list[K]:
+        """``match`` for a name already passed through ``canonical_name``."""
         found = list(self._exact.get(canonical, ()))
         labels = canonical.split(".")
         for start in range(len(labels)):

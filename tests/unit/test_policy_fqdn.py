@@ -41,6 +41,8 @@ def test_canonical_name(name: str, canonical: str) -> None:
         ("-db.example.com", '"-db.example.com": label "-db" starts or ends with \'-\''),
         ("db .example.com", 'label "db " has invalid characters " "'),
         ("db/x.example.com", 'label "db/x" has invalid characters "/"'),
+        ("db.example.com\n", 'label "com\\n" has invalid characters "\\n"'),
+        ("db\n.example.com", 'label "db\\n" has invalid characters "\\n"'),
         (".".join(["a" * 50] * 5), "is 254 characters long; the limit is 253"),
     ],
 )
@@ -192,6 +194,24 @@ def test_canonical_name_fails_only_with_invalid_name(text: str) -> None:
     assert result == result.lower()
     assert canonical_name(result) == result  # idempotent
     assert all(0 < len(label) <= 63 for label in result.split("."))
+
+
+@given(st.text(alphabet="aZ09_-.\n", max_size=80))
+def test_canonical_name_accepts_exactly_the_valid_names(text: str) -> None:
+    labels = (text[:-1] if text.endswith(".") else text).lower().split(".")
+    valid = (
+        len(".".join(labels)) <= 253
+        and all(0 < len(label) <= 63 for label in labels)
+        and all(set(label) <= set("az09_-") for label in labels)
+        and not any(label.startswith("-") or label.endswith("-") for label in labels)
+    )
+    try:
+        result = canonical_name(text)
+    except InvalidName:
+        assert not valid
+        return
+    assert valid
+    assert result == ".".join(labels)
 
 
 @given(st.text(max_size=80))
