@@ -5,6 +5,10 @@ In: each identity's gateway and policies (from the plan). Out: for (identity, na
 program for the answer's addresses. Decisions are memoised per plan; a new plan means a new
 ``NamePolicy``. Pure: no I/O, no clock.
 
+A decision depends on the name only through which of the identity's ``fqdn`` and
+``fqdnPattern`` peers match it, so it is worked out once per identity and set of matching peers:
+a name nobody asked for before costs its canonical form and a lookup of its matching peers.
+
 Port ranges are split into atoms on every range boundary of the identity's rules, so two
 programmed ranges of one identity are either equal or disjoint: interval sets refuse overlaps.
 """
@@ -16,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from egressgw.policy.decide import Decision, Verdict, decide_name, deciding_policies, name_matches
-from egressgw.policy.fqdn import InvalidName, canonical_name
+from egressgw.policy.fqdn import FqdnMatcher, InvalidName, InvalidPattern, canonical_name
 from egressgw.policy.model import Action, EgressPolicy, PortSpec
 from egressgw.policy.select import WorkloadSelection
 
@@ -65,6 +69,27 @@ def atomize(atoms: Iterable[PortAtom], cuts: Mapping[int | None, set[int]]) -> t
     return tuple(sorted(out, key=lambda a: (a[0] if a[0] is not None else -1, a[1], a[2])))
 
 
+class _Peers:
+    """An identity's ``fqdn`` and ``fqdnPattern`` peers, to say which match a canonical name."""
+
+    def __init__(self, policies: Iterable[EgressPolicy]) -> None:
+        self.exact: set[str] = set()
+        self.patterns: FqdnMatcher[str] = FqdnMatcher()
+        added: set[str] = set()
+        for policy in policies:
+            for rule in policy.egress:
+                for peer in rule.to:
+                    if peer.fqdn is not None:
+                        self.exact.add(peer.fqdn)
+                    elif peer.fqdn_pattern is not None and peer.fqdn_pattern not in added:
+                        added.add(peer.fqdn_pattern)
+                        self.patterns.add_pattern(peer.fqdn_pattern, peer.fqdn_pattern)
+
+    def matching(self, canonical: str) -> tuple[str | None, frozenset[str]]:
+        exact = canonical if canonical in self.exact else None
+        return exact, frozenset(self.patterns.match_canonical(canonical))
+
+
 class NamePolicy:
     def __init__(self, identities: Mapping[int, WorkloadSelection], cache_size: int = 100_000):
         self._identities = identities
@@ -77,6 +102,8 @@ class NamePolicy:
         # Names under one pattern share one decision object: unique names then leave nothing
         # behind for the collector but the cache's key.
         self._decisions: dict[NameDecision, NameDecision] = {}
+        self._peers: dict[int, _Peers | None] = {}  # None: some pattern does not compile
+        self._by_peers: dict[tuple[int, str | None, frozenset[str]], NameDecision] = {}
 
     def decide(self, identity: int, name: str) -> NameDecision:
         key = (identity, name)
@@ -86,6 +113,7 @@ class NamePolicy:
             if len(self._cache) >= self._cache_size:
                 self._cache.clear()
                 self._decisions.clear()
+                self._by_peers.clear()
             found = self._decisions.setdefault(found, found)
             self._cache[key] = found
         return found
@@ -94,6 +122,25 @@ class NamePolicy:
         selection = self._identities.get(identity)
         if selection is None:
             return NameDecision(Decision(Verdict.DENY, "unknown workload identity"))
+        try:
+            canonical = canonical_name(name)
+        except InvalidName:
+            return self._work_out(identity, selection, name)  # the reason quotes the name
+        if identity not in self._peers:
+            try:
+                self._peers[identity] = _Peers(deciding_policies(selection.policies)[0])
+            except InvalidPattern:
+                self._peers[identity] = None  # decide_name reports it, name by name
+        peers = self._peers[identity]
+        if peers is None:
+            return self._work_out(identity, selection, canonical)
+        key = (identity, *peers.matching(canonical))
+        found = self._by_peers.get(key)
+        if found is None:
+            found = self._by_peers[key] = self._work_out(identity, selection, canonical)
+        return found
+
+    def _work_out(self, identity: int, selection: WorkloadSelection, name: str) -> NameDecision:
         decision = decide_name(selection, name)
         if decision.verdict is not Verdict.ALLOW or decision.rule is None:
             # denied; or allowed by the gateway's default or in Audit mode, which the datapath
