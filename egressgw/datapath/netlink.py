@@ -42,6 +42,7 @@ _NLMSGHDR = struct.Struct("=IHHII")
 _MAX_ELEMENTS_PER_MESSAGE = 1024
 _SOCKET_BUFFER_BYTES = 32 * 1024 * 1024
 _RECEIVE_BYTES = 1 << 20  # more than one netlink datagram holds (dumps come in <= 32 KiB)
+_TIMEOUT_S = 10  # for one send or receive on the socket
 
 
 class Op(Enum):
@@ -226,7 +227,11 @@ class NftSocket:
             except OSError:  # *BUFFORCE needs CAP_NET_ADMIN; fall back to the capped size
                 self._sock.setsockopt(socket.SOL_SOCKET, option, _SOCKET_BUFFER_BYTES)
         self._sock.bind((0, 0))
-        self._sock.settimeout(10.0)
+        # a blocking socket with kernel timeouts: settimeout() would add a poll(2) before every
+        # send and receive
+        timeout = struct.pack("ll", _TIMEOUT_S, 0)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeout)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeout)
         self._seq = 0
         self._lock = threading.Lock()
         # one receive buffer for the socket's life: a fresh megabyte per recv() would be mapped,
@@ -235,8 +240,17 @@ class NftSocket:
         self._view = memoryview(self._buffer)
 
     def _recv(self) -> bytes:
-        size = self._sock.recv_into(self._buffer)
+        try:
+            size = self._sock.recv_into(self._buffer)
+        except BlockingIOError as exc:  # SO_RCVTIMEO ran out
+            raise TimeoutError(f"table {self.table}: no answer from the kernel") from exc
         return self._view[:size].tobytes()
+
+    def _send(self, data: bytes) -> None:
+        try:
+            self._sock.send(data)
+        except BlockingIOError as exc:  # SO_SNDTIMEO ran out
+            raise TimeoutError(f"table {self.table}: the kernel took no message") from exc
 
     def close(self) -> None:
         self._sock.close()
@@ -276,7 +290,7 @@ class NftSocket:
             if not pending:
                 return 0
             parts.append(_control(NFNL_MSG_BATCH_END, self._next_seq()))
-            self._sock.send(b"".join(parts))
+            self._send(b"".join(parts))
             self._collect_acks(pending)
             return count
 
@@ -311,7 +325,7 @@ class NftSocket:
                 ["NFTA_SET_ELEM_LIST_SET", set_name],
             ]
             msg.encode()
-            self._sock.send(bytes(msg.data))
+            self._send(bytes(msg.data))
             elements: list[Element] = []
             while True:
                 buffer = self._recv()
