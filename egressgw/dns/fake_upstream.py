@@ -6,11 +6,12 @@ records gets NXDOMAIN. ``fail`` makes every question raise UpstreamError, as dea
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 
 from dnslib import RCODE, RR, DNSRecord
 
-from egressgw.dns.upstream import UpstreamError
+from egressgw.dns.upstream import Done, UpstreamError
 from egressgw.dns.wire import Question
 
 
@@ -19,6 +20,20 @@ class FakeUpstream:
         self.records = RR.fromZone(zone) if zone.strip() else []
         self.asked: Counter[str] = Counter()
         self.fail = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def ask(self, question: Question, query: bytes, done: Done) -> None:
+        async def answer() -> None:
+            try:
+                response = await self.resolve(question, query)
+            except Exception as exc:
+                done(exc)
+                return
+            done(response)
+
+        task = asyncio.get_running_loop().create_task(answer())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def start(self) -> None:
         return None

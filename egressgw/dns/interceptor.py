@@ -333,6 +333,24 @@ class Interceptor:
         except Exception:
             return self._internal_error(deferred.query, None)
 
+    def resolve_soon(self, deferred: Deferred, reply: Callable[[bytes | None], None]) -> None:
+        """``resolve`` for the UDP server, without a task: ``reply`` gets the response from
+        the callback that reads the upstream's answer (None: send nothing)."""
+
+        def done(raw: bytes | Exception) -> None:
+            try:
+                if isinstance(raw, Exception) and not isinstance(raw, UpstreamError):
+                    raise raw
+                response: bytes | None = self._answered(deferred, raw)
+            except Exception:
+                response = self._internal_error(deferred.query, None)
+            reply(response)
+
+        try:
+            self.upstream.ask(deferred.question, deferred.query, done)
+        except Exception:
+            reply(self._internal_error(deferred.query, None))
+
     def _internal_error(self, query: bytes, source: Source | None) -> bytes | None:
         self._count("error", "internal error")
         log.exception("dns: internal error answering %s", source or "a query")
@@ -389,11 +407,17 @@ class Interceptor:
         return name in self._passthrough or name.endswith(self._passthrough_suffixes)
 
     async def _resolve(self, d: Deferred) -> bytes:
-        question = d.question
         try:
-            raw = await self.upstream.resolve(question, d.query)
+            raw = await self.upstream.resolve(d.question, d.query)
         except UpstreamError as exc:
-            log.warning("dns: %s %s: %s", question.name, TYPE_NAMES.get(question.qtype), exc)
+            return self._answered(d, exc)
+        return self._answered(d, raw)
+
+    def _answered(self, d: Deferred, raw: bytes | UpstreamError) -> bytes:
+        """The response for ``d`` once the upstream answered ``raw`` (or failed)."""
+        question = d.question
+        if isinstance(raw, UpstreamError):
+            log.warning("dns: %s %s: %s", question.name, TYPE_NAMES.get(question.qtype), raw)
             return self._local(d.query, question, SERVFAIL, "servfail", "upstream failed")
         now = self.clock()
         try:

@@ -1,8 +1,10 @@
 """DNS over UDP and TCP on the listen addresses, feeding the interceptor.
 
 In: datagrams and TCP streams from workloads. Out: the interceptor's answers. Cache hits and
-local answers are sent from the read callback itself; only queries that need the upstream
-become tasks. A TCP connection may carry many queries; it is closed after ``idle_s`` of silence.
+local answers are sent from the read callback itself; a UDP query that needs the upstream is
+answered from the callback that reads the upstream's answer (``Interceptor.resolve_soon``), TCP
+queries from a task per connection. A TCP connection may carry many queries; it is closed after
+``idle_s`` of silence.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 from egressgw.dns.interceptor import Deferred, Interceptor
 from egressgw.dns.mmsg import Batches, Peer
@@ -45,7 +48,6 @@ class _Udp:
         self.interceptor = interceptor
         self.sock = sock
         self.batches = Batches(sock, self.BATCH)
-        self.tasks: set[asyncio.Task[None]] = set()
 
     def readable(self) -> None:
         deadline = time.perf_counter() + self.BUDGET_S
@@ -75,9 +77,7 @@ class _Udp:
     def _full(self, query: bytes, host: str, peer: Peer) -> bytes | None:
         result = self.interceptor.answer_now(query, host, True)
         if isinstance(result, Deferred):
-            task = asyncio.ensure_future(self._later(result, peer))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            self.interceptor.resolve_soon(result, partial(self._reply, peer))
             return None
         return result
 
@@ -89,8 +89,7 @@ class _Udp:
         except OSError as exc:
             log.debug("dns: reply to %s failed: %s", addr[0], exc)
 
-    async def _later(self, deferred: Deferred, addr: Peer) -> None:
-        response = await self.interceptor.resolve(deferred)
+    def _reply(self, addr: Peer, response: bytes | None) -> None:
         if response is not None:
             self._send(response, addr)
 

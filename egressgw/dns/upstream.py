@@ -6,16 +6,24 @@ forwarded as it came (EDNS0 options included) under a fresh random ID; upstreams
 order, each for ``timeout_s``; a truncated UDP answer is fetched again over TCP from the same
 upstream. One connected UDP socket per upstream carries all queries. An upstream that failed is
 asked after the others for a few seconds, so a dead one does not cost every query a timeout.
+
+Two ways in: ``await resolve(...)``, and ``ask(..., done)`` for the UDP server's hot path,
+where the first upstream's answer reaches ``done`` straight from the callback that reads it (no
+task, no future, no timer per query: one timer follows the oldest query in flight). Anything
+else (a timeout, an error, a truncated answer) continues as ``resolve`` would, in a task.
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
 import logging
-import secrets
+import os
 import socket
 import struct
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from egressgw import metrics
@@ -45,6 +53,29 @@ def _time_out(future: asyncio.Future[bytes]) -> None:
         future.set_exception(UpstreamError("timed out"))
 
 
+Done = Callable[[bytes | Exception], None]
+
+
+class _Ask:
+    """A query in flight from ``Upstream.ask``."""
+
+    __slots__ = ("deadline", "done", "ident", "query", "question", "rest", "server", "started")
+
+    def __init__(
+        self,
+        question: Question,
+        query: bytes,
+        server: _Server,
+        rest: list[_Server],
+        ident: int,
+        deadline: float,
+        done: Done,
+    ) -> None:
+        self.question, self.query, self.server, self.rest = question, query, server, rest
+        self.ident, self.deadline, self.done = ident, deadline, done
+        self.started = time.perf_counter()
+
+
 _RECEIVE = bytearray(65536)  # one buffer for every upstream socket: they share the loop's thread
 _RECEIVE_VIEW = memoryview(_RECEIVE)
 
@@ -56,9 +87,11 @@ class _Server:
     the allocator maps and unmaps again for every answer.)"""
 
     address: Address
-    pending: dict[int, tuple[Question, asyncio.Future[bytes]]] = field(default_factory=dict)
+    pending: dict[int, tuple[Question, asyncio.Future[bytes]] | _Ask] = field(default_factory=dict)
     sock: socket.socket | None = None
     down_until: float = 0.0  # after a failure, others are asked first until then
+    # an answer to an ``ask`` that is not simply released: (ask, the answer, or the error)
+    on_ask_trouble: Callable[[_Ask, bytes | Exception], None] | None = None
 
     def __post_init__(self) -> None:
         self.seconds = metrics.DNS_UPSTREAM_SECONDS.labels(self.label)  # looked up once
@@ -109,6 +142,18 @@ class _Server:
         entry = self.pending.get(ident)
         if entry is None:
             return
+        if isinstance(entry, _Ask):
+            if not answers(entry.question, data):
+                return
+            del self.pending[ident]
+            if struct.unpack_from("!H", data, 2)[0] & TC:  # fetch it again over TCP
+                if self.on_ask_trouble is not None:
+                    self.on_ask_trouble(entry, data)
+                return
+            self.seconds.observe(time.perf_counter() - entry.started)
+            self.down_until = 0.0
+            entry.done(struct.pack("!H", entry.question.id) + data[2:])
+            return
         question, future = entry
         if not answers(question, data):  # it must be to our question, not just carry our ID
             return
@@ -116,14 +161,33 @@ class _Server:
             future.set_result(data)
 
     def error_received(self, exc: Exception) -> None:
-        for _question, future in self.pending.values():
-            if not future.done():
-                future.set_exception(UpstreamError(f"{self.label}: {exc}"))
+        error = UpstreamError(f"{self.label}: {exc}")
+        for ident, entry in list(self.pending.items()):
+            if isinstance(entry, _Ask):
+                del self.pending[ident]
+                if self.on_ask_trouble is not None:
+                    self.on_ask_trouble(entry, error)
+            elif not entry[1].done():
+                entry[1].set_exception(error)
 
     @property
     def label(self) -> str:
         host, port = self.address
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class _QueryIds:
+    """Unpredictable 16-bit query IDs from the system's CSPRNG, drawn a few thousand at a time
+    (one getrandom(2) call per query would cost more than the rest of the ID handling)."""
+
+    def __init__(self, batch: int = 4096) -> None:
+        self._batch = batch
+        self._ids = array.array("H")
+
+    def next(self) -> int:
+        if not self._ids:
+            self._ids = array.array("H", os.urandom(2 * self._batch))
+        return self._ids.pop()
 
 
 class Upstream:
@@ -133,6 +197,12 @@ class Upstream:
         self.timeout_s = timeout_s
         self._servers = [_Server(address) for address in servers]
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._ids = _QueryIds()
+        self._asks: deque[_Ask] = deque()  # in the order sent, so in the order of deadlines
+        self._timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        for server in self._servers:
+            server.on_ask_trouble = self._trouble
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -140,6 +210,9 @@ class Upstream:
             server.open(self._loop)
 
     def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._loop is not None:
             for server in self._servers:
                 server.close(self._loop)
@@ -151,28 +224,115 @@ class Upstream:
         return healthy or [min(self._servers, key=lambda s: s.down_until)]
 
     async def resolve(self, question: Question, query: bytes) -> bytes:
-        errors: list[str] = []
-        for server in self._candidates(time.monotonic()):
+        return await self._resolve(question, query, self._candidates(time.monotonic()), [])
+
+    async def _resolve(
+        self,
+        question: Question,
+        query: bytes,
+        servers: list[_Server],
+        errors: list[str],
+        truncated: _Ask | None = None,
+    ) -> bytes:
+        """Ask ``servers`` in turn (after fetching ``truncated`` again over TCP, if given)."""
+        if truncated is not None:
+            server = truncated.server
+            try:
+                response = await self._tcp(server, question, query)
+            except (TimeoutError, OSError, UpstreamError, WireError) as exc:
+                self._failed(server, exc, errors)
+            else:
+                return self._succeeded(server, question, response, truncated.started)
+        for server in servers:
             started = time.perf_counter()
             try:
                 response = await self._udp(server, question, query)
                 if struct.unpack_from("!H", response, 2)[0] & TC:
                     response = await self._tcp(server, question, query)
             except (TimeoutError, OSError, UpstreamError, WireError) as exc:
-                server.down_until = time.monotonic() + DEMOTE_S
-                metrics.DNS_UPSTREAM_ERRORS.labels(server.label).inc()
-                errors.append(f"{server.label}: {exc or type(exc).__name__}")
+                self._failed(server, exc, errors)
                 continue
-            server.seconds.observe(time.perf_counter() - started)
-            server.down_until = 0.0
-            return struct.pack("!H", question.id) + response[2:]
+            return self._succeeded(server, question, response, started)
         raise UpstreamError("every upstream failed: " + "; ".join(errors))
 
-    async def _udp(self, server: _Server, question: Question, query: bytes) -> bytes:
-        ident = secrets.randbits(16)
+    @staticmethod
+    def _failed(server: _Server, exc: Exception, errors: list[str]) -> None:
+        server.down_until = time.monotonic() + DEMOTE_S
+        metrics.DNS_UPSTREAM_ERRORS.labels(server.label).inc()
+        errors.append(f"{server.label}: {exc or type(exc).__name__}")
+
+    @staticmethod
+    def _succeeded(server: _Server, question: Question, response: bytes, started: float) -> bytes:
+        server.seconds.observe(time.perf_counter() - started)
+        server.down_until = 0.0
+        return struct.pack("!H", question.id) + response[2:]
+
+    def ask(self, question: Question, query: bytes, done: Done) -> None:
+        """``resolve`` from a callback: ``done`` gets the response bytes, or the exception
+        ``resolve`` would raise (``UpstreamError`` once every upstream failed)."""
+        loop = self._loop or asyncio.get_running_loop()
+        servers = self._candidates(time.monotonic())
+        server = servers[0]
+        ident = self._ids.next()
         while ident in server.pending:
-            ident = secrets.randbits(16)
-        loop = asyncio.get_running_loop()
+            ident = self._ids.next()
+        ask = _Ask(question, query, server, servers[1:], ident, loop.time() + self.timeout_s, done)
+        server.pending[ident] = ask
+        try:
+            server.send(struct.pack("!H", ident) + query[2:])
+        except UpstreamError as exc:
+            del server.pending[ident]
+            self._trouble(ask, exc)
+            return
+        self._asks.append(ask)
+        if self._timer is None:
+            self._timer = loop.call_at(ask.deadline, self._expire)
+
+    def _expire(self) -> None:
+        """Time out the queries from ``ask`` whose deadline has passed; follow the next one."""
+        self._timer = None
+        loop = self._loop or asyncio.get_running_loop()
+        asks, now = self._asks, loop.time()
+        while asks:
+            ask = asks[0]
+            if ask.server.pending.get(ask.ident) is not ask:
+                asks.popleft()  # answered, or failed some other way
+                continue
+            if ask.deadline > now:
+                self._timer = loop.call_at(ask.deadline, self._expire)
+                return
+            asks.popleft()
+            del ask.server.pending[ask.ident]
+            self._trouble(ask, UpstreamError("timed out"))
+
+    def _trouble(self, ask: _Ask, outcome: bytes | Exception) -> None:
+        """Go on with ``ask`` as ``resolve`` would: a truncated answer (``outcome`` is its
+        bytes) is fetched again over TCP, a failure moves on to the next upstream."""
+        errors: list[str] = []
+        truncated = None
+        if isinstance(outcome, Exception):
+            self._failed(ask.server, outcome, errors)
+        else:
+            truncated = ask
+
+        async def go_on() -> None:
+            try:
+                response = await self._resolve(ask.question, ask.query, ask.rest, errors, truncated)
+            except Exception as exc:  # done decides what an error means for its client
+                ask.done(exc)
+                return
+            ask.done(response)
+
+        loop = self._loop or asyncio.get_running_loop()
+        task = loop.create_task(go_on())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _udp(self, server: _Server, question: Question, query: bytes) -> bytes:
+        ident = self._ids.next()
+        while ident in server.pending:
+            ident = self._ids.next()
+        loop = self._loop or asyncio.get_running_loop()
         future: asyncio.Future[bytes] = loop.create_future()
         server.pending[ident] = (question, future)
         # a plain timer on the future: wait_for would wrap every query in a task of its own
