@@ -12,6 +12,7 @@ run on uvloop, and do not need to). This module never starts a subprocess.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import struct
@@ -191,6 +192,16 @@ def _value(number: int, raw: bytes) -> bytes:
     return _nla(number, _nla(_DATA["NFTA_DATA_VALUE"], raw))
 
 
+@functools.lru_cache(maxsize=256)
+def _list_head(table: str, set_name: str) -> bytes:
+    """The part of an element-list message before its elements: the same for every change."""
+    return (
+        _NFGEN.pack(NFPROTO_INET, 0, 0)
+        + _nla(_LIST["NFTA_SET_ELEM_LIST_TABLE"], table.encode() + b"\0")
+        + _nla(_LIST["NFTA_SET_ELEM_LIST_SET"], set_name.encode() + b"\0")
+    )
+
+
 def encode_elements(table: str, change: Change, elements: Sequence[Element], seq: int) -> bytes:
     """One element-list message: key, key end, map data and timeout (no comments)."""
     items = []
@@ -203,11 +214,8 @@ def encode_elements(table: str, change: Change, elements: Sequence[Element], seq
         if element.timeout_ms is not None:
             attrs += _nla(_ELEM["NFTA_SET_ELEM_TIMEOUT"], _U64.pack(element.timeout_ms))
         items.append(_nla(index, attrs))  # list items are numbered from 1, as pyroute2 does
-    body = (
-        _NFGEN.pack(NFPROTO_INET, 0, 0)
-        + _nla(_LIST["NFTA_SET_ELEM_LIST_TABLE"], table.encode() + b"\0")
-        + _nla(_LIST["NFTA_SET_ELEM_LIST_SET"], change.set_name.encode() + b"\0")
-        + _nla(_LIST["NFTA_SET_ELEM_LIST_ELEMENTS"], b"".join(items))
+    body = _list_head(table, change.set_name) + _nla(
+        _LIST["NFTA_SET_ELEM_LIST_ELEMENTS"], b"".join(items)
     )
     kind = (NFNL_SUBSYS_NFTABLES << 8) | change.op.value
     return (

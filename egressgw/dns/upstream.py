@@ -143,7 +143,11 @@ class _Server:
         if entry is None:
             return
         if isinstance(entry, _Ask):
-            if not answers(entry.question, data):
+            end = entry.question.end
+            # the question as we sent it (the usual case), or else the same name, type and class
+            if data[HEADER.size : end] != entry.query[HEADER.size : end] and not answers(
+                entry.question, data
+            ):
                 return
             del self.pending[ident]
             if struct.unpack_from("!H", data, 2)[0] & TC:  # fetch it again over TCP
