@@ -73,11 +73,13 @@ def prepare(
     max_addresses: int,
 ) -> Answer:
     """Make an upstream response for ``question`` ready to serve; raises WireError (or dnslib's
-    errors, when the per-name cap makes it rebuild the answer) if it is malformed."""
-    found = records(response)
+    errors, when the per-name cap makes it rebuild the answer) if it is malformed. The
+    response must carry ``question`` (``upstream.answers``), as every upstream path checks."""
+    found = records(response, question.name)  # the caller checked the response's question
     answers = [r for r in found if r.section == 0]
     chain = {question.name}
-    for _ in range(16):  # a CNAME chain longer than that is not followed further
+    follow = any(r.rtype == TYPE_CNAME for r in answers)
+    for _ in range(16 if follow else 0):  # a CNAME chain longer than 16 is not followed further
         grown = chain | {
             read_name(response, r.rdata)[0]
             for r in answers

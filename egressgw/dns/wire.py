@@ -135,6 +135,9 @@ def parse_question(msg: bytes) -> Question:
     return Question(ident, flags, name, qtype, qclass, end, udp_size, dnssec_ok, key)
 
 
+_POINTER_TO_QUESTION = bytes((0xC0, HEADER.size))  # a compressed name at offset 12
+
+
 class Record(NamedTuple):
     section: int  # 0 answer, 1 authority, 2 additional
     name: str
@@ -145,8 +148,11 @@ class Record(NamedTuple):
     rdlength: int
 
 
-def records(msg: bytes) -> list[Record]:
-    """Every resource record after the question, with offsets; raises WireError if malformed."""
+def records(msg: bytes, question_name: str | None = None) -> list[Record]:
+    """Every resource record after the question, with offsets; raises WireError if malformed.
+
+    ``question_name``: the name of the message's question, when the caller has checked it; an
+    owner name that is only a pointer to it (the usual case) is then not decoded again."""
     if len(msg) < HEADER.size:
         raise WireError("shorter than a DNS header")
     _id, _flags, qdcount, ancount, nscount, arcount = HEADER.unpack_from(msg)
@@ -155,9 +161,13 @@ def records(msg: bytes) -> list[Record]:
         pos = skip_name(msg, pos) + 4
     out: list[Record] = []
     counts = (ancount, nscount, arcount)
+    known = question_name if qdcount == 1 else None
     for section, count in enumerate(counts):
         for _ in range(count):
-            name, pos = read_name(msg, pos)
+            if known is not None and msg[pos : pos + 2] == _POINTER_TO_QUESTION:
+                name, pos = known, pos + 2
+            else:
+                name, pos = read_name(msg, pos)
             if pos + _RR_FIXED.size > len(msg):
                 raise WireError("truncated record")
             rtype, _rclass, ttl, rdlength = _RR_FIXED.unpack_from(msg, pos)
