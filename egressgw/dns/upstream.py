@@ -288,7 +288,12 @@ class Upstream:
             del server.pending[ident]
             self._trouble(ask, exc)
             return
-        self._asks.append(ask)
+        asks = self._asks
+        # answers come back about in the order asked: dropping the answered ones from the front
+        # here keeps the queue about as long as the queries in flight, and ``_expire`` short
+        while asks and asks[0].server.pending.get(asks[0].ident) is not asks[0]:
+            asks.popleft()
+        asks.append(ask)
         if self._timer is None:
             self._timer = loop.call_at(ask.deadline, self._expire)
 
