@@ -31,7 +31,10 @@ qps are medians over rounds, ratios the median of the rounds' own ratios):
 
 (a) cached: the 500 repeated names against dnsmasq direct, egressgw on asyncio and egressgw on
     uvloop (the same daemon through ``_daemon uvloop``, see ``daemon_main``); each egressgw run
-    starts with one warming pass. Target: egressgw >= 1.0 x dnsmasq qps.
+    starts with one warming pass. Target: egressgw >= 1.0 x dnsmasq qps. Each run also records
+    how busy the server's and the client's CPUs were and the server process's CPU time per
+    query: with both CPUs near 100%, qps is bounded by dnsperf as much as by the server, and
+    CPU per query is the figure that compares the servers themselves.
 (b) unique: fresh names, egressgw (asyncio) against the dnsmasq forwarder. An egressgw run stops
     after cap - 96 names, below the per-identity cap. Target: >= 0.5 x.
 (b-cap) the same with the identity already holding ``cap`` addresses (filled by a first pass), so
@@ -693,6 +696,45 @@ def busy_between(stat_before: str) -> float:
     return (busy1 - busy0) / max(1, total1 - total0)
 
 
+def _per_cpu(stat: str) -> dict[int, tuple[int, int]]:
+    out = {}
+    for line in stat.splitlines()[1:]:
+        name, *fields = line.split()
+        if not name.startswith("cpu"):
+            break
+        values = [int(x) for x in fields]
+        out[int(name[3:])] = (sum(values) - values[3] - values[4], sum(values))
+    return out
+
+
+def _process_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuUse:
+    """Over one run: how busy the server's and the client's CPUs were, and the CPU time the
+    server process spent per query. When the client's CPU is the one at 100%, qps measures
+    dnsperf, and CPU time per query compares the servers."""
+
+    def __init__(self, server_pid: int, server_cpu: int, client_cpu: int) -> None:
+        self.pid, self.cpus = server_pid, (server_cpu, client_cpu)
+        self.stat, self.seconds = Path("/proc/stat").read_text(), _process_seconds(server_pid)
+
+    def done(self, queries: int) -> dict[str, float]:
+        before, after = _per_cpu(self.stat), _per_cpu(Path("/proc/stat").read_text())
+        busy = [
+            (after[c][0] - before[c][0]) / max(1, after[c][1] - before[c][1]) for c in self.cpus
+        ]
+        used = _process_seconds(self.pid) - self.seconds
+        return {
+            "server_cpu_busy": busy[0],
+            "client_cpu_busy": busy[1],
+            "server_us_per_query": used / max(1, queries) * 1e6,
+        }
+
+
 def cpu_busy(seconds: float) -> float:
     """The share of all CPUs' time spent busy over the next ``seconds``: others' load."""
     before = Path("/proc/stat").read_text()
@@ -754,6 +796,7 @@ class Bench:
         }
         for name, argv in servers.items():
             self.procs.append(Proc(f"dnsmasq {name}", argv, self.workdir / f"dnsmasq-{name}.log"))
+        self.direct_pid = self.procs[-2].pid
         (self.workdir / "manifests").mkdir()
         (self.workdir / "manifests" / "bench.yaml").write_text(manifests())
         time.sleep(0.3)
@@ -789,8 +832,15 @@ class Bench:
         load = kwargs.pop("load", self.load)
         return dnsperf(self.net, out, load, server, source, datafile, seconds, **kwargs)
 
-    def record(self, scenario: str, config: str, round_: int, perf: Perf) -> None:
-        entry = {"config": config, "round": round_, **asdict(perf)}
+    def record(
+        self,
+        scenario: str,
+        config: str,
+        round_: int,
+        perf: Perf,
+        extra: dict[str, float] | None = None,
+    ) -> None:
+        entry = {"config": config, "round": round_, **asdict(perf), **(extra or {})}
         entry["noerror_share"] = perf.noerror_share
         self.results.runs.setdefault(scenario, []).append(entry)
         latency = f", p99 {perf.p99_ms:.2f} ms" if perf.p99_ms is not None else ""
@@ -850,22 +900,27 @@ class Bench:
         for r in range(o.rounds):
             for config in configs if r % 2 == 0 else configs[::-1]:
                 if config == "dnsmasq":
+                    use = CpuUse(self.direct_pid, o.server_cpu, o.client_cpu)
                     perf = self.perf(
                         "a-dnsmasq", DIRECT, CACHED_SOURCE, self.cached_file, o.seconds
                     )
                 else:
                     self.daemon.start(config.removeprefix("egressgw-"))
                     self.warm()
+                    assert self.daemon.proc is not None
+                    use = CpuUse(self.daemon.proc.pid, o.server_cpu, o.client_cpu)
                     perf = self.on_egressgw(
                         f"(a) {config}",
                         partial(self.perf, f"a-{config}", EGRESSGW, CACHED_SOURCE,
                                 self.cached_file, o.seconds),
                     )  # fmt: skip
-                self.record("a", config, r, perf)
+                self.record("a", config, r, perf, use.done(perf.completed))
         runs = self.by_config("a", "qps")
         qps = {c: median(v) for c, v in runs.items()}
         ratio = paired_ratio(runs["egressgw-asyncio"], runs["dnsmasq"])
         summary: dict[str, Any] = {"qps": qps, "ratio": ratio}
+        for key in ("server_cpu_busy", "client_cpu_busy", "server_us_per_query"):
+            summary[key] = {c: median(v) for c, v in self.by_config("a", key).items()}
         if "egressgw-uvloop" in qps:
             summary["ratio_uvloop"] = paired_ratio(runs["egressgw-uvloop"], runs["dnsmasq"])
             summary["uvloop_over_asyncio"] = paired_ratio(
@@ -1043,7 +1098,7 @@ class Bench:
 def render(results: Results) -> str:
     s, p = results.summary, results.programming
     a = s.get("a", {})
-    rows: list[tuple[str, str, str, str, str, bool]] = []
+    rows: list[tuple[str, str, str, str, str, bool | None]] = []  # None: no target
     if a:
         rows.append(
             ("(a) cached names, qps", f"dnsmasq {a['qps']['dnsmasq']:,.0f}",
@@ -1055,6 +1110,18 @@ def render(results: Results) -> str:
             ("(a) ... egressgw on uvloop", f"dnsmasq {a['qps']['dnsmasq']:,.0f}",
              f"egressgw {a['qps']['egressgw-uvloop']:,.0f}", f"{a['ratio_uvloop']:.2f}x",
              ">= 1.0x", a["ratio_uvloop"] >= 1.0)
+        )  # fmt: skip
+    if "client_cpu_busy" in a:
+        busy, server, cost = a["client_cpu_busy"], a["server_cpu_busy"], a["server_us_per_query"]
+        gw = "egressgw-asyncio"
+        rows.append(
+            ("(a) ... server CPU per query", f"dnsmasq {cost['dnsmasq']:.1f} us",
+             f"egressgw {cost[gw]:.1f} us", f"{cost['dnsmasq'] / cost[gw]:.2f}x", "", None)
+        )  # fmt: skip
+        rows.append(
+            ("(a) ... busy: server / client CPU",
+             f"{server['dnsmasq']:.0%} / {busy['dnsmasq']:.0%}",
+             f"{server[gw]:.0%} / {busy[gw]:.0%}", "", "", None)
         )  # fmt: skip
     b = s.get("b")
     if b:
@@ -1099,7 +1166,8 @@ def render(results: Results) -> str:
     out.append("  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)) + "  result")
     for text, row in zip(texts, rows, strict=True):
         cells = "  ".join(t.ljust(w) for t, w in zip(text, widths, strict=True))
-        out.append(f"{cells}  {'met' if row[5] else 'MISSED'}")
+        verdict = "" if row[5] is None else "met" if row[5] else "MISSED"
+        out.append(f"{cells}  {verdict}".rstrip())
     if "uvloop_over_asyncio" in a:
         out += ["", f"event loop, cached names: uvloop / asyncio = {a['uvloop_over_asyncio']:.2f}x"]
     out += ["", "runs (qps; p50/p99/max ms with -v; NOERROR share; lost):"]
