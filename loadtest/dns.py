@@ -686,27 +686,28 @@ def _git() -> dict[str, Any]:
     return {"commit": git("rev-parse", "--short", "HEAD"), "egressgw_uncommitted": dirty}
 
 
-def _cpu_times(stat: str) -> tuple[int, int]:
-    fields = [int(x) for x in stat.split("\n", 1)[0].split()[1:]]
-    return sum(fields) - fields[3] - fields[4], sum(fields)  # (busy, all), idle and iowait out
-
-
-def busy_between(stat_before: str) -> float:
-    """The share of all CPUs' time spent busy since ``stat_before`` (a /proc/stat reading)."""
-    busy0, total0 = _cpu_times(stat_before)
-    busy1, total1 = _cpu_times(Path("/proc/stat").read_text())
-    return (busy1 - busy0) / max(1, total1 - total0)
-
-
-def _per_cpu(stat: str) -> dict[int, tuple[int, int]]:
+def _cpu_times(stat: str) -> dict[str, tuple[int, int]]:
+    """(busy, all) ticks per line of a /proc/stat reading: "cpu" for all CPUs, "cpuN" for one;
+    idle and iowait are not busy."""
     out = {}
-    for line in stat.splitlines()[1:]:
+    for line in stat.splitlines():
         name, *fields = line.split()
         if not name.startswith("cpu"):
             break
         values = [int(x) for x in fields]
-        out[int(name[3:])] = (sum(values) - values[3] - values[4], sum(values))
+        out[name] = (sum(values) - values[3] - values[4], sum(values))
     return out
+
+
+def _busy(before: str, after: str, cpu: str = "cpu") -> float:
+    """The share of ``cpu``'s time (all CPUs by default) spent busy between two readings."""
+    (busy0, total0), (busy1, total1) = _cpu_times(before)[cpu], _cpu_times(after)[cpu]
+    return (busy1 - busy0) / max(1, total1 - total0)
+
+
+def busy_between(stat_before: str) -> float:
+    """The share of all CPUs' time spent busy since ``stat_before`` (a /proc/stat reading)."""
+    return _busy(stat_before, Path("/proc/stat").read_text())
 
 
 def _process_seconds(pid: int) -> float:
@@ -725,10 +726,8 @@ class CpuUse:
         self.stat, self.seconds = Path("/proc/stat").read_text(), _process_seconds(server_pid)
 
     def done(self, queries: int) -> dict[str, float]:
-        before, after = _per_cpu(self.stat), _per_cpu(Path("/proc/stat").read_text())
-        busy = [
-            (after[c][0] - before[c][0]) / max(1, after[c][1] - before[c][1]) for c in self.cpus
-        ]
+        after = Path("/proc/stat").read_text()
+        busy = [_busy(self.stat, after, f"cpu{c}") for c in self.cpus]
         used = _process_seconds(self.pid) - self.seconds
         return {
             "server_cpu_busy": busy[0],
