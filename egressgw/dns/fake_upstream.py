@@ -11,7 +11,7 @@ from collections import Counter
 
 from dnslib import RCODE, RR, DNSRecord
 
-from egressgw.dns.upstream import Done, UpstreamError
+from egressgw.dns.upstream import Done, UpstreamError, settle
 from egressgw.dns.wire import Question
 
 
@@ -23,17 +23,7 @@ class FakeUpstream:
         self._tasks: set[asyncio.Task[None]] = set()
 
     def ask(self, question: Question, query: bytes, done: Done) -> None:
-        async def answer() -> None:
-            try:
-                response = await self.resolve(question, query)
-            except Exception as exc:
-                done(exc)
-                return
-            done(response)
-
-        task = asyncio.get_running_loop().create_task(answer())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        settle(self._tasks, self.resolve(question, query), done)
 
     async def start(self) -> None:
         return None

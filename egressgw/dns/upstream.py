@@ -23,7 +23,7 @@ import socket
 import struct
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from egressgw import metrics
@@ -56,6 +56,23 @@ def _time_out(future: asyncio.Future[bytes]) -> None:
 Done = Callable[[bytes | Exception], None]
 
 
+def settle(tasks: set[asyncio.Task[None]], work: Awaitable[bytes], done: Done) -> None:
+    """Await ``work`` in a task, kept in ``tasks`` until it ends: ``done`` gets the bytes, or
+    the exception it raised (``done`` decides what an error means for its client)."""
+
+    async def run() -> None:
+        try:
+            response = await work
+        except Exception as exc:
+            done(exc)
+            return
+        done(response)
+
+    task = asyncio.get_running_loop().create_task(run())
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+
+
 class _Ask:
     """A query in flight from ``Upstream.ask``."""
 
@@ -75,6 +92,11 @@ class _Ask:
         self.ident, self.deadline, self.done = ident, deadline, done
         self.started = time.perf_counter()
 
+    @property
+    def waiting(self) -> bool:
+        """Neither answered nor failed yet."""
+        return self.server.pending.get(self.ident) is self
+
 
 _RECEIVE = bytearray(65536)  # one buffer for every upstream socket: they share the loop's thread
 _RECEIVE_VIEW = memoryview(_RECEIVE)
@@ -87,11 +109,11 @@ class _Server:
     the allocator maps and unmaps again for every answer.)"""
 
     address: Address
+    # an answer to an ``ask`` that is not simply released: (ask, the answer, or the error)
+    on_ask_trouble: Callable[[_Ask, bytes | Exception], None]
     pending: dict[int, tuple[Question, asyncio.Future[bytes]] | _Ask] = field(default_factory=dict)
     sock: socket.socket | None = None
     down_until: float = 0.0  # after a failure, others are asked first until then
-    # an answer to an ``ask`` that is not simply released: (ask, the answer, or the error)
-    on_ask_trouble: Callable[[_Ask, bytes | Exception], None] | None = None
 
     def __post_init__(self) -> None:
         self.seconds = metrics.DNS_UPSTREAM_SECONDS.labels(self.label)  # looked up once
@@ -151,8 +173,7 @@ class _Server:
                 return
             del self.pending[ident]
             if struct.unpack_from("!H", data, 2)[0] & TC:  # fetch it again over TCP
-                if self.on_ask_trouble is not None:
-                    self.on_ask_trouble(entry, data)
+                self.on_ask_trouble(entry, data)
                 return
             self.seconds.observe(time.perf_counter() - entry.started)
             self.down_until = 0.0
@@ -169,8 +190,7 @@ class _Server:
         for ident, entry in list(self.pending.items()):
             if isinstance(entry, _Ask):
                 del self.pending[ident]
-                if self.on_ask_trouble is not None:
-                    self.on_ask_trouble(entry, error)
+                self.on_ask_trouble(entry, error)
             elif not entry[1].done():
                 entry[1].set_exception(error)
 
@@ -199,14 +219,12 @@ class Upstream:
         if not servers:
             raise ValueError("at least one upstream is needed")
         self.timeout_s = timeout_s
-        self._servers = [_Server(address) for address in servers]
+        self._servers = [_Server(address, self._trouble) for address in servers]
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ids = _QueryIds()
         self._asks: deque[_Ask] = deque()  # in the order sent, so in the order of deadlines
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        for server in self._servers:
-            server.on_ask_trouble = self._trouble
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -277,9 +295,7 @@ class Upstream:
         loop = self._loop or asyncio.get_running_loop()
         servers = self._candidates(time.monotonic())
         server = servers[0]
-        ident = self._ids.next()
-        while ident in server.pending:
-            ident = self._ids.next()
+        ident = self._fresh_ident(server)
         ask = _Ask(question, query, server, servers[1:], ident, loop.time() + self.timeout_s, done)
         server.pending[ident] = ask
         try:
@@ -291,7 +307,7 @@ class Upstream:
         asks = self._asks
         # answers come back about in the order asked: dropping the answered ones from the front
         # here keeps the queue about as long as the queries in flight, and ``_expire`` short
-        while asks and asks[0].server.pending.get(asks[0].ident) is not asks[0]:
+        while asks and not asks[0].waiting:
             asks.popleft()
         asks.append(ask)
         if self._timer is None:
@@ -304,7 +320,7 @@ class Upstream:
         asks, now = self._asks, loop.time()
         while asks:
             ask = asks[0]
-            if ask.server.pending.get(ask.ident) is not ask:
+            if not ask.waiting:
                 asks.popleft()  # answered, or failed some other way
                 continue
             if ask.deadline > now:
@@ -324,23 +340,18 @@ class Upstream:
         else:
             truncated = ask
 
-        async def go_on() -> None:
-            try:
-                response = await self._resolve(ask.question, ask.query, ask.rest, errors, truncated)
-            except Exception as exc:  # done decides what an error means for its client
-                ask.done(exc)
-                return
-            ask.done(response)
+        work = self._resolve(ask.question, ask.query, ask.rest, errors, truncated)
+        settle(self._tasks, work, ask.done)
 
-        loop = self._loop or asyncio.get_running_loop()
-        task = loop.create_task(go_on())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _udp(self, server: _Server, question: Question, query: bytes) -> bytes:
+    def _fresh_ident(self, server: _Server) -> int:
+        """A random query ID that no query in flight to ``server`` carries."""
         ident = self._ids.next()
         while ident in server.pending:
             ident = self._ids.next()
+        return ident
+
+    async def _udp(self, server: _Server, question: Question, query: bytes) -> bytes:
+        ident = self._fresh_ident(server)
         loop = self._loop or asyncio.get_running_loop()
         future: asyncio.Future[bytes] = loop.create_future()
         server.pending[ident] = (question, future)
