@@ -45,7 +45,10 @@ qps are medians over rounds, ratios the median of the rounds' own ratios):
     latency compares the same traffic: with ``--latency-load own`` each server gets half of its
     own maximum instead, and the faster one is driven harder. On unique names both get the same
     count of names (cap - 96, egressgw's limit per identity): a pause of a few milliseconds
-    moves the p99 of a short run more than that of a long one.
+    moves the p99 of a short run more than that of a long one. A run of unique names lasts
+    about a second and a half, and whether one of this machine's pauses falls in it moves its
+    p99 by several milliseconds, for either server: (c) takes the median over
+    ``--latency-rounds`` (12) rounds, not ``--rounds``.
 (d) programming time: ``egressgw_dns_programming_duration_seconds`` from ``/metrics``, its
     increase over the (b) runs: the share of writes within 1 ms, interpolated p50/p99.
     Target: p99 <= 1 ms.
@@ -56,7 +59,7 @@ per scenario next to the programming calls egressgw logged as over their bound (
 were SERVFAIL).
 
 Run as root: ``python -m loadtest.dns [--json PATH]``; ``--help`` lists counts and durations (the
-defaults take about three and a half minutes). Compare ratios, never absolute figures across runs or
+defaults take about five minutes). Compare ratios, never absolute figures across runs or
 machines. Every dnsperf run is bounded in queries and seconds; every process started here is
 stopped by its pid and the namespaces are removed afterwards, also on failure.
 """
@@ -618,9 +621,10 @@ def summarize_profile(load: str, qps: float, raw: str, top: int = 15) -> Profile
 # -- the bench -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Options:
-    rounds: int = 3
+    rounds: int = 5
     seconds: float = 5.0
     latency_seconds: float = 4.0
+    latency_rounds: int = 12
     clients: int = 8
     outstanding: int = 100
     cap: int = DnsSettings().max_addresses_per_identity
@@ -890,11 +894,12 @@ class Bench:
     def unique_run(
         self, label: str, server: str, seconds: float, count: int | None = None, **kwargs: Any
     ) -> Perf:
-        """A run of fresh names from a fresh identity: ``count`` names, or as many as the
-        forwarder answers in ``seconds``; egressgw's stay below the cap."""
+        """A run of fresh names (to egressgw, from a fresh identity): ``count`` names, or as
+        many as the forwarder answers in ``seconds``; egressgw's stay below the cap."""
         if count is None:
             count = FORWARDER_NAMES if server == FORWARDER else self.options.cap - CAP_MARGIN
-        names, source = self.fresh_names(count), self.fresh_source()
+        names = self.fresh_names(count)
+        source = self.fresh_source() if server == EGRESSGW else CACHED_SOURCE
         return self.perf(label, server, source, names, seconds, once=True, **kwargs)
 
     # -- (a) ---------------------------------------------------------------------------------
@@ -1001,9 +1006,10 @@ class Bench:
                 half = dict.fromkeys(half, min(half[base], half[gw]))
             progress(
                 f"(c) p99 at half load, {kind} names ({base} {half[base]:.0f} qps, "
-                f"egressgw {half[gw]:.0f} qps); {o.rounds} rounds of {o.latency_seconds:g} s"
+                f"egressgw {half[gw]:.0f} qps); {o.latency_rounds} rounds of "
+                f"{o.latency_seconds:g} s"
             )
-            for r in range(o.rounds):
+            for r in range(o.latency_rounds):
                 for config in (base, gw) if r % 2 == 0 else (gw, base):
                     server = {"dnsmasq": DIRECT, "dnsmasq-forwarder": FORWARDER}.get(
                         config, EGRESSGW
@@ -1231,6 +1237,7 @@ def parse(argv: Sequence[str]) -> Options:
     add("--rounds", type=int, default=d.rounds, help="rounds per scenario (%(default)s)")
     add("--seconds", type=float, default=d.seconds, help="max-qps run length (%(default)s)")
     add("--latency-seconds", type=float, default=d.latency_seconds, help="(c) run length")
+    add("--latency-rounds", type=int, default=d.latency_rounds, help="(c) rounds (%(default)s)")
     add("--clients", type=int, default=d.clients, help="dnsperf -c (%(default)s)")
     add("--outstanding", type=int, default=d.outstanding, help="dnsperf -q (%(default)s)")
     add("--cap", type=int, default=d.cap, help="egressgw --max-addresses-per-identity")
@@ -1248,8 +1255,14 @@ def parse(argv: Sequence[str]) -> Options:
     add("--only", choices=["cached", "unique"],
         help="only the scenarios on these names: (a) and (c), or (b), (c) and (d)")  # fmt: skip
     a = p.parse_args(argv)
-    if a.cap <= 2 * CAP_MARGIN or a.rounds < 1:
-        p.error(f"--cap must exceed {2 * CAP_MARGIN} and --rounds be at least 1")
+    if a.cap <= 2 * CAP_MARGIN or a.rounds < 1 or a.latency_rounds < 1:
+        p.error(f"--cap must exceed {2 * CAP_MARGIN}, --rounds and --latency-rounds be at least 1")
+    identities = 2 * a.rounds + a.latency_rounds + 2  # (b) and (b-cap), (c), two profiles
+    if a.only != "cached" and identities > len(UNIQUE_SOURCES):
+        p.error(
+            f"2 x --rounds + --latency-rounds + 2 fresh identities are needed ({identities}); "
+            f"the bench has {len(UNIQUE_SOURCES)} pods"
+        )
     if a.gc_threshold and not re.fullmatch(r"\d+,\d+,\d+", a.gc_threshold):
         p.error("--gc-threshold takes three whole numbers: A,B,C")
     return Options(
@@ -1257,7 +1270,7 @@ def parse(argv: Sequence[str]) -> Options:
         outstanding=a.outstanding, cap=a.cap, server_cpu=a.server_cpu, client_cpu=a.client_cpu,
         uvloop=not a.no_uvloop, profile=not a.no_profile, profile_seconds=a.profile_seconds,
         daemon_args=tuple(a.daemon_arg), gc_threshold=a.gc_threshold, json_path=a.json_path,
-        keep=a.keep, only=a.only, latency_load=a.latency_load,
+        keep=a.keep, only=a.only, latency_load=a.latency_load, latency_rounds=a.latency_rounds,
     )  # fmt: skip
 
 
