@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from cachetools import LRUCache
 from dnslib import DNSRecord
 
+from egressgw.datapath.keys import parse_address
 from egressgw.dns.wire import (
     HEADER,
     NOERROR,
@@ -110,7 +111,7 @@ def prepare(
     for offset, ttl in zip(offsets, ttls, strict=True):
         _TTL.pack_into(wire, offset, ttl)
     addresses = tuple(
-        ipaddress.ip_address(response[r.rdata : r.rdata + r.rdlength]) for r in address_records
+        parse_address(response[r.rdata : r.rdata + r.rdlength]) for r in address_records
     )
     address_ttl = max((clamp(r.ttl, min_ttl, max_ttl) for r in address_records), default=0)
     rcode = struct.unpack_from("!H", response, 2)[0] & RCODE_MASK

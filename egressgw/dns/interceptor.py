@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 from egressgw import metrics
+from egressgw.datapath.keys import parse_address
 from egressgw.datapath.state import Learned
 from egressgw.dns.cache import Answer, AnswerCache, prepare
 from egressgw.dns.names import NameDecision, NamePolicy, PortAtom
@@ -183,7 +184,7 @@ class _Budget:
                 kept_back.append((expiry, key))  # never evict what this answer releases
                 continue
             del known[key]
-            evicted.extend(_learned(identity, [ipaddress.ip_address(key)], entry[1]))
+            evicted.extend(_learned(identity, [parse_address(key)], entry[1]))
         for item in kept_back:
             heapq.heappush(heap, item)
         if len(heap) > 2 * len(known) + 1024:  # drop superseded entries now and then

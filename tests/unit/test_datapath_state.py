@@ -5,9 +5,11 @@ from __future__ import annotations
 import ipaddress
 import itertools
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from egressgw.datapath import keys
 from egressgw.datapath.state import ANY_PORT, Box, DesiredState, Learned, disjoint
 
 NET = ipaddress.ip_network
@@ -85,3 +87,14 @@ def test_static_elements_cover_every_control_plane_set() -> None:
     assert len(elements["identities"]) == 1
     assert len(elements["workloads4"]) == 1 and len(elements["workloads6"]) == 0
     assert len(elements["snat4"]) == 1 and len(elements["audit"]) == 1
+
+
+@given(st.binary(min_size=4, max_size=4) | st.binary(min_size=16, max_size=16))
+def test_packed_addresses_read_back_as_the_standard_library_reads_them(raw: bytes) -> None:
+    assert keys.parse_address(raw) == ipaddress.ip_address(raw)
+    assert type(keys.parse_address(raw)) is type(ipaddress.ip_address(raw))
+
+
+def test_a_packed_address_of_another_length_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="4 or 16 bytes, not 5"):
+        keys.parse_address(b"\x00" * 5)
