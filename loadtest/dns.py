@@ -949,6 +949,14 @@ class Bench:
         qps = {c: median(v) for c, v in runs.items()}
         ratio = paired_ratio(runs["egressgw-asyncio"], runs["dnsmasq"])
         summary: dict[str, Any] = {"qps": qps, "ratio": ratio}
+        # how many rounds egressgw did at least as well as the dnsmasq run next to it: the
+        # spread of single rounds, which one median does not show
+        summary["rounds_at_parity"] = {
+            gw: [sum(g >= d for g, d in zip(runs[gw], runs[base], strict=True)), len(runs[gw])]
+            for gw, base in (("egressgw-asyncio", "dnsmasq"),
+                             ("egressgw-uvloop", "dnsmasq-next-to-uvloop"))
+            if gw in runs
+        }  # fmt: skip
         for key in ("server_cpu_busy", "client_cpu_busy", "server_us_per_query"):
             summary[key] = {c: median(v) for c, v in self.by_config("a", key).items()}
         if "egressgw-uvloop" in qps:
@@ -1149,6 +1157,10 @@ def render(results: Results) -> str:
             ("(a) ... server CPU per query", f"dnsmasq {cost['dnsmasq']:.1f} us",
              f"egressgw {cost[gw]:.1f} us", f"{cost['dnsmasq'] / cost[gw]:.2f}x", "", None)
         )  # fmt: skip
+        parity = ", ".join(f"{gw.removeprefix('egressgw-')} {k}/{n}"
+                           for gw, (k, n) in a.get("rounds_at_parity", {}).items())  # fmt: skip
+        if parity:
+            rows.append(("(a) ... rounds at >= 1.0x", "", parity, "", "", None))
         rows.append(
             ("(a) ... busy: server / client CPU",
              f"{server['dnsmasq']:.0%} / {busy['dnsmasq']:.0%}",
