@@ -64,7 +64,7 @@ per scenario next to the programming calls egressgw logged as over their bound (
 were SERVFAIL).
 
 Run as root: ``python -m loadtest.dns [--json PATH]``; ``--help`` lists counts and durations (the
-defaults take about five minutes). Compare ratios, never absolute figures across runs or
+defaults take about six minutes). Compare ratios, never absolute figures across runs or
 machines. Every dnsperf run is bounded in queries and seconds; every process started here is
 stopped by its pid and the namespaces are removed afterwards, also on failure.
 """
@@ -626,8 +626,8 @@ def summarize_profile(load: str, qps: float, raw: str, top: int = 15) -> Profile
 # -- the bench -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Options:
-    rounds: int = 5
-    seconds: float = 5.0
+    rounds: int = 9
+    seconds: float = 3.0
     latency_seconds: float = 4.0
     latency_rounds: int = 12
     clients: int = 8
