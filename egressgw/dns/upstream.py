@@ -175,15 +175,20 @@ class _Server:
             if struct.unpack_from("!H", data, 2)[0] & TC:  # fetch it again over TCP
                 self.on_ask_trouble(entry, data)
                 return
-            self.seconds.observe(time.perf_counter() - entry.started)
-            self.down_until = 0.0
-            entry.done(struct.pack("!H", entry.question.id) + data[2:])
+            entry.done(self.succeeded(entry.question, data, entry.started))
             return
         question, future = entry
         if not answers(question, data):  # it must be to our question, not just carry our ID
             return
         if not future.done():
             future.set_result(data)
+
+    def succeeded(self, question: Question, response: bytes, started: float) -> bytes:
+        """``response`` under the client's ID, once this upstream answered in time: its answer
+        time is observed and any demotion lifted."""
+        self.seconds.observe(time.perf_counter() - started)
+        self.down_until = 0.0
+        return struct.pack("!H", question.id) + response[2:]
 
     def error_received(self, exc: Exception) -> None:
         error = UpstreamError(f"{self.label}: {exc}")
@@ -264,7 +269,7 @@ class Upstream:
             except (TimeoutError, OSError, UpstreamError, WireError) as exc:
                 self._failed(server, exc, errors)
             else:
-                return self._succeeded(server, question, response, truncated.started)
+                return server.succeeded(question, response, truncated.started)
         for server in servers:
             started = time.perf_counter()
             try:
@@ -274,7 +279,7 @@ class Upstream:
             except (TimeoutError, OSError, UpstreamError, WireError) as exc:
                 self._failed(server, exc, errors)
                 continue
-            return self._succeeded(server, question, response, started)
+            return server.succeeded(question, response, started)
         raise UpstreamError("every upstream failed: " + "; ".join(errors))
 
     @staticmethod
@@ -282,12 +287,6 @@ class Upstream:
         server.down_until = time.monotonic() + DEMOTE_S
         metrics.DNS_UPSTREAM_ERRORS.labels(server.label).inc()
         errors.append(f"{server.label}: {exc or type(exc).__name__}")
-
-    @staticmethod
-    def _succeeded(server: _Server, question: Question, response: bytes, started: float) -> bytes:
-        server.seconds.observe(time.perf_counter() - started)
-        server.down_until = 0.0
-        return struct.pack("!H", question.id) + response[2:]
 
     def ask(self, question: Question, query: bytes, done: Done) -> None:
         """``resolve`` from a callback: ``done`` gets the response bytes, or the exception
