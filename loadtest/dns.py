@@ -665,10 +665,15 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
+def round_ratios(numerator: Sequence[float], denominator: Sequence[float]) -> list[float]:
+    """Round by round, a run against the baseline of its round."""
+    return [n / d for n, d in zip(numerator, denominator, strict=True)]
+
+
 def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:
     """The median of round-by-round ratios: a run is compared with the baseline of its round,
     which cancels the drift of whatever else the machine is doing."""
-    return median([n / d for n, d in zip(numerator, denominator, strict=True)])
+    return median(round_ratios(numerator, denominator))
 
 
 def histogram_quantile(q: float, buckets: Histogram) -> float:
@@ -924,12 +929,13 @@ class Bench:
             f"(a) cached names: dnsmasq, egressgw on {' and '.join(loops)}; {o.rounds} rounds "
             f"of {o.seconds:g} s per loop"
         )
+        pairs: dict[str, str] = {}  # each egressgw config: the dnsmasq runs next to its runs
         for loop in loops:
             self.daemon.start(loop)
             self.warm()
             assert self.daemon.proc is not None
             pid, gw = self.daemon.proc.pid, f"egressgw-{loop}"
-            base = "dnsmasq" if loop == "asyncio" else f"dnsmasq-next-to-{loop}"
+            base = pairs[gw] = "dnsmasq" if loop == "asyncio" else f"dnsmasq-next-to-{loop}"
             for r in range(o.rounds):
                 for config in (base, gw) if r % 2 == 0 else (gw, base):
                     if config == gw:
@@ -947,20 +953,18 @@ class Bench:
                     self.record("a", config, r, perf, use.done(perf.completed))
         runs = self.by_config("a", "qps")
         qps = {c: median(v) for c, v in runs.items()}
-        ratio = paired_ratio(runs["egressgw-asyncio"], runs["dnsmasq"])
+        ratios = {gw: round_ratios(runs[gw], runs[base]) for gw, base in pairs.items()}
+        ratio = median(ratios["egressgw-asyncio"])
         summary: dict[str, Any] = {"qps": qps, "ratio": ratio}
         # how many rounds egressgw did at least as well as the dnsmasq run next to it: the
         # spread of single rounds, which one median does not show
         summary["rounds_at_parity"] = {
-            gw: [sum(g >= d for g, d in zip(runs[gw], runs[base], strict=True)), len(runs[gw])]
-            for gw, base in (("egressgw-asyncio", "dnsmasq"),
-                             ("egressgw-uvloop", "dnsmasq-next-to-uvloop"))
-            if gw in runs
-        }  # fmt: skip
+            gw: [sum(r >= 1.0 for r in rounds), len(rounds)] for gw, rounds in ratios.items()
+        }
         for key in ("server_cpu_busy", "client_cpu_busy", "server_us_per_query"):
             summary[key] = {c: median(v) for c, v in self.by_config("a", key).items()}
-        if "egressgw-uvloop" in qps:
-            uvloop = paired_ratio(runs["egressgw-uvloop"], runs["dnsmasq-next-to-uvloop"])
+        if "egressgw-uvloop" in ratios:
+            uvloop = median(ratios["egressgw-uvloop"])
             summary["ratio_uvloop"] = uvloop
             summary["uvloop_over_asyncio"] = uvloop / ratio  # each against its own dnsmasq runs
         self.results.summary["a"] = summary
