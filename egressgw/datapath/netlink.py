@@ -1,23 +1,47 @@
-"""nftables set elements over netlink: one batch per change, encoded with pyroute2's messages.
+"""nftables set elements over netlink: batches of element-list messages, encoded by hand.
 
-In: element operations (add, destroy, delete) on named sets of one table. Out: an applied batch,
-or ``BatchError`` with the kernel's errno and the operation it refused, in which case the kernel
-aborted the whole transaction and the previous state is still in force.
+In: element operations (add, destroy, delete) on named sets of one table. Out: applied
+transactions, or ``BatchError`` with the kernel's errno and the operation it refused, in which
+case the kernel aborted that whole transaction and the previous state is still in force.
 
 The socket is a plain blocking NETLINK_NETFILTER socket: the kernel processes a batch inside
-``sendmsg`` and has queued every acknowledgement by the time it returns, so a change costs one
-``sendmsg`` plus a few ``recv`` calls, with no event loop involved (pyroute2's async sockets cannot
-run on uvloop, and do not need to). This module never starts a subprocess.
+``sendmsg`` and has queued every reply by the time it returns, so a change costs one ``sendmsg``
+plus one ``recv``, with no event loop involved (pyroute2's async sockets cannot run on uvloop, and
+do not need to). This module never starts a subprocess.
+
+Sizes, as the kernel enforces them (checked on Linux 6.18, tests/kernel/test_netlink_sizes.py):
+
+- A netlink attribute's length is 16 bits, so the elements of one message are cut by their
+  encoded bytes: the NFTA_SET_ELEM_LIST_ELEMENTS attribute stays at most ``_MAX_ELEMENTS_BYTES``.
+  A change becomes as many messages as it needs, all in the same transaction.
+- One transaction is one ``sendmsg``, and ``netlink_sendmsg`` refuses a datagram longer than
+  ``sk_sndbuf - 32`` with EMSGSIZE. ``sk_sndbuf`` is twice the size requested with SO_SNDBUF(FORCE)
+  and is what ``getsockopt(SO_SNDBUF)`` returns: ``buffer_bytes=212_992`` gives SO_SNDBUF 425,984
+  and ``max_transaction_bytes`` 425,952. SO_SNDBUFFORCE needs CAP_NET_ADMIN (which nftables needs
+  anyway); without it SO_SNDBUF is capped at net.core.wmem_max (then doubled).
+- nfnetlink holds back every reply of a batch until the batch is committed or aborted, then
+  queues them all at once; each costs about 830 bytes of receive buffer, so a 425,984-byte buffer
+  holds about 512 and the rest are dropped (ENOBUFS). Only the last message of a transaction asks
+  for an acknowledgement: its reply comes after every error of the batch, and a failing message
+  is reported whether or not it asked. NETLINK_CAP_ACK keeps an error reply from echoing the
+  whole (up to 64 KiB) refused message.
+- An element comment travels as libnftnl user data (type NFTNL_UDATA_SET_ELEM_COMMENT, a one-byte
+  length, the text with its NUL, as nft writes it). The netlink policy allows 256 bytes of user
+  data, but the kernel keeps at most 254: 255 bytes are refused with EINVAL, and 256 wrap its
+  one-byte length to 0, so the element goes in without its comment. A comment is therefore at
+  most ``MAX_COMMENT_BYTES`` (251) bytes of UTF-8, in every set of the skeleton.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import os
 import socket
 import struct
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import NamedTuple
@@ -39,9 +63,19 @@ NFT_MSG_DESTROYSETELEM = 30  # delete that ignores ENOENT (Linux 6.3+)
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
 NLM_F_MULTI = 2
+# Linux's values; Python's socket module does not export them everywhere
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+SOL_NETLINK = getattr(socket, "SOL_NETLINK", 270)
+NETLINK_CAP_ACK = 10
 _NLMSGHDR = struct.Struct("=IHHII")
-_MAX_ELEMENTS_PER_MESSAGE = 1024
+# The NFTA_SET_ELEM_LIST_ELEMENTS attribute of one message, header included: its length field is
+# 16 bits (at most 65,535), kept 1.5 KB below that.
+_MAX_ELEMENTS_BYTES = 64_000
 _SOCKET_BUFFER_BYTES = 32 * 1024 * 1024
+_SNDBUF_RESERVE = 32  # netlink_sendmsg: a datagram longer than sk_sndbuf - 32 gets EMSGSIZE
+_USERDATA_MAX = 254  # the most user data the kernel keeps with an element (module docstring)
+MAX_COMMENT_BYTES = _USERDATA_MAX - 2 - 1  # less the type and length bytes and the NUL
 _RECEIVE_BYTES = 1 << 20  # more than one netlink datagram holds (dumps come in <= 32 KiB)
 _TIMEOUT_S = 10  # for one send or receive on the socket
 
@@ -63,7 +97,7 @@ class Element(NamedTuple):
     key_end: bytes | None = None  # interval sets (pipapo): inclusive end of the range
     data: bytes | None = None  # maps: the value
     timeout_ms: int | None = None
-    comment: str | None = None
+    comment: str | None = None  # at most MAX_COMMENT_BYTES bytes of UTF-8
     expiration_ms: int | None = None  # only set on elements read back from the kernel
     counter: tuple[int, int] | None = None  # (packets, bytes), read back from counter sets
 
@@ -105,6 +139,19 @@ class BatchError(NetlinkError):
     """The kernel refused a batch; the transaction was aborted, nothing of it took effect."""
 
 
+class TransactionTooLarge(NetlinkError):
+    """A transaction would not fit in one ``sendmsg``; nothing was sent."""
+
+    def __init__(self, table: str, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            errno.EMSGSIZE,
+            f"table {table}: a transaction of {size} bytes exceeds the {limit} bytes one "
+            "sendmsg may carry (SO_SNDBUF - 32); use apply_steps or a larger buffer_bytes",
+        )
+
+
 def _header(msg: nfgen_msg, msg_type: int, flags: int, seq: int) -> None:
     msg["header"]["type"] = msg_type
     msg["header"]["flags"] = flags
@@ -123,17 +170,14 @@ def control_with_pyroute2(msg_type: int, seq: int) -> bytes:
 
 
 _BATCH_RES_ID = struct.Struct("!H").pack(NFNL_SUBSYS_NFTABLES)  # nfgenmsg.res_id is big endian
+_CONTROL_BODY = struct.pack("=BB", 0, 0) + _BATCH_RES_ID
+_CONTROL_BYTES = _NLMSGHDR.size + len(_CONTROL_BODY)
+_TRANSACTION_OVERHEAD = 2 * _CONTROL_BYTES  # batch begin and end around the messages
 
 
 def _control(msg_type: int, seq: int) -> bytes:
-    """A batch begin or end message: every change pays for two, so they are packed directly."""
-    body = struct.pack("=BB", 0, 0) + _BATCH_RES_ID
-    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), msg_type, NLM_F_REQUEST, seq, 0) + body
-
-
-def _chunks(elements: Sequence[Element]) -> Iterator[Sequence[Element]]:
-    for start in range(0, len(elements), _MAX_ELEMENTS_PER_MESSAGE):
-        yield elements[start : start + _MAX_ELEMENTS_PER_MESSAGE]
+    """A batch begin or end message: every transaction pays for two, so they are packed directly."""
+    return _NLMSGHDR.pack(_CONTROL_BYTES, msg_type, NLM_F_REQUEST, seq, 0) + _CONTROL_BODY
 
 
 def _messages(buffer: bytes) -> Iterator[tuple[int, int, int, bytes]]:
@@ -147,18 +191,17 @@ def _messages(buffer: bytes) -> Iterator[tuple[int, int, int, bytes]]:
         offset += (length + 3) & ~3
 
 
-def _message_flags(op: Op) -> int:
-    flags: int = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE if op is Op.ADD else 0)
-    return flags
+def _message_flags(op: Op, ack: bool = True) -> int:
+    flags: int = NLM_F_REQUEST | (NLM_F_CREATE if op is Op.ADD else 0)
+    return (flags | NLM_F_ACK) if ack else flags
 
 
 def encode_with_pyroute2(
-    table: str, change: Change, elements: Sequence[Element], seq: int
+    table: str, change: Change, elements: Sequence[Element], seq: int, *, ack: bool = True
 ) -> bytes:
-    """One element-list message built with pyroute2's message classes (handles comments)."""
+    """One element-list message built with pyroute2's message classes (the reference)."""
     msg = nft_set_elem_list_msg()
-    flags = _message_flags(change.op)
-    _header(msg, (NFNL_SUBSYS_NFTABLES << 8) | change.op.value, flags, seq)
+    _header(msg, (NFNL_SUBSYS_NFTABLES << 8) | change.op.value, _message_flags(change.op, ack), seq)
     msg["attrs"] = [
         ["NFTA_SET_ELEM_LIST_TABLE", table],
         ["NFTA_SET_ELEM_LIST_SET", change.set_name],
@@ -178,9 +221,20 @@ def _attribute_numbers(nla_map: Sequence[tuple[str, str]]) -> dict[str, int]:
 _LIST = _attribute_numbers(nft_set_elem_list_msg.nla_map)
 _ELEM = _attribute_numbers(nft_set_elem_list_msg.set_elem.nla_map)
 _DATA = _attribute_numbers(nft_set_elem_list_msg.set_elem.data_attributes.nla_map)
+_UDATA_COMMENT = nft_set_elem_list_msg.set_elem.set_elem_udata.udata_types.index(
+    "NFTNL_UDATA_SET_ELEM_COMMENT"
+)
+_ELEMENTS = _LIST["NFTA_SET_ELEM_LIST_ELEMENTS"]
+_KEY = _ELEM["NFTA_SET_ELEM_KEY"]
+_KEY_END = _ELEM["NFTA_SET_ELEM_KEY_END"]
+_MAP_DATA = _ELEM["NFTA_SET_ELEM_DATA"]
+_TIMEOUT = _ELEM["NFTA_SET_ELEM_TIMEOUT"]
+_USERDATA = _ELEM["NFTA_SET_ELEM_USERDATA"]
+_VALUE = _DATA["NFTA_DATA_VALUE"]
 _NLA = struct.Struct("=HH")
 _NFGEN = struct.Struct("=BBH")
 _U64 = struct.Struct(">Q")
+_UDATA = struct.Struct("BB")
 
 
 def _nla(kind: int, payload: bytes) -> bytes:
@@ -189,7 +243,31 @@ def _nla(kind: int, payload: bytes) -> bytes:
 
 
 def _value(number: int, raw: bytes) -> bytes:
-    return _nla(number, _nla(_DATA["NFTA_DATA_VALUE"], raw))
+    return _nla(number, _nla(_VALUE, raw))
+
+
+def _comment(text: str) -> bytes:
+    raw = text.encode() + b"\0"
+    if len(raw) > MAX_COMMENT_BYTES + 1:
+        raise ValueError(
+            f"element comment of {len(raw) - 1} bytes (UTF-8) is longer than the "
+            f"{MAX_COMMENT_BYTES} bytes the kernel keeps with an element: {text[:40]!r}..."
+        )
+    return _nla(_USERDATA, _UDATA.pack(_UDATA_COMMENT, len(raw)) + raw)
+
+
+def _element_attrs(element: Element) -> bytes:
+    """The attributes of one list item: key, key end, map data, timeout, comment."""
+    attrs = _value(_KEY, element.key)
+    if element.key_end is not None:
+        attrs += _value(_KEY_END, element.key_end)
+    if element.data is not None:
+        attrs += _value(_MAP_DATA, element.data)
+    if element.timeout_ms is not None:
+        attrs += _nla(_TIMEOUT, _U64.pack(element.timeout_ms))
+    if element.comment is not None:
+        attrs += _comment(element.comment)
+    return attrs
 
 
 @functools.lru_cache(maxsize=256)
@@ -202,44 +280,152 @@ def _list_head(table: str, set_name: str) -> bytes:
     )
 
 
-def encode_elements(table: str, change: Change, elements: Sequence[Element], seq: int) -> bytes:
-    """One element-list message: key, key end, map data and timeout (no comments)."""
-    items = []
-    for index, element in enumerate(elements, start=1):
-        attrs = _value(_ELEM["NFTA_SET_ELEM_KEY"], element.key)
-        if element.key_end is not None:
-            attrs += _value(_ELEM["NFTA_SET_ELEM_KEY_END"], element.key_end)
-        if element.data is not None:
-            attrs += _value(_ELEM["NFTA_SET_ELEM_DATA"], element.data)
-        if element.timeout_ms is not None:
-            attrs += _nla(_ELEM["NFTA_SET_ELEM_TIMEOUT"], _U64.pack(element.timeout_ms))
-        items.append(_nla(index, attrs))  # list items are numbered from 1, as pyroute2 does
-    body = _list_head(table, change.set_name) + _nla(
-        _LIST["NFTA_SET_ELEM_LIST_ELEMENTS"], b"".join(items)
-    )
+def _body(head: bytes, items: Sequence[bytes]) -> bytes:
+    """Everything after the netlink header; list items are numbered from 1, as pyroute2 does."""
+    listed = b"".join([_NLA.pack(_NLA.size + len(a), i) + a for i, a in enumerate(items, 1)])
+    return head + _NLA.pack(_NLA.size + len(listed), _ELEMENTS) + listed
+
+
+def encode_elements(
+    table: str, change: Change, elements: Sequence[Element], seq: int, *, ack: bool = True
+) -> bytes:
+    """One element-list message holding ``elements`` (see ``encode_change`` to split a change).
+
+    Raises ValueError if they do not fit in one message or a comment is too long.
+    """
+    items = [_element_attrs(element) for element in elements]
+    size = _NLA.size + sum(_NLA.size + len(a) for a in items)
+    if size > 0xFFFF:
+        raise ValueError(
+            f"{len(items)} elements take {size} bytes, more than one netlink attribute holds"
+        )
+    body = _body(_list_head(table, change.set_name), items)
     kind = (NFNL_SUBSYS_NFTABLES << 8) | change.op.value
-    return (
-        _NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, _message_flags(change.op), seq, 0) + body
-    )
+    flags = _message_flags(change.op, ack)
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, flags, seq, 0) + body
+
+
+_UNLIMITED = 1 << 62  # a plan of one transaction; apply() checks its size afterwards
+
+
+class _Message(NamedTuple):
+    """One element-list message without its netlink header: change[start:end] of a plan."""
+
+    change: int  # index of the change in the planned sequence
+    start: int
+    end: int
+    kind: int
+    flags: int  # without NLM_F_ACK: only the last message of a transaction asks for one
+    body: bytes
+
+
+def _plan(
+    table: str,
+    changes: Iterable[Change],
+    transaction_bytes: int,
+    elements_bytes: int = _MAX_ELEMENTS_BYTES,
+) -> list[list[_Message]]:
+    """Cut ``changes`` into messages and the messages into transactions, keeping their order.
+
+    A message ends when its elements attribute would pass ``elements_bytes``, or when the
+    transaction it is in would pass ``transaction_bytes``; the next element then starts a new
+    message, and a new transaction if the current one is full. Raises TransactionTooLarge if one
+    element alone does not fit in a transaction.
+    """
+    transactions: list[list[_Message]] = []
+    current: list[_Message] = []
+    used = _TRANSACTION_OVERHEAD  # bytes of the current transaction, its closed messages
+    for index, change in enumerate(changes):
+        if not change.elements:
+            continue
+        head = _list_head(table, change.set_name)
+        overhead = _NLMSGHDR.size + len(head) + _NLA.size  # a message with no elements
+        kind = (NFNL_SUBSYS_NFTABLES << 8) | change.op.value
+        flags = _message_flags(change.op, ack=False)
+        items: list[bytes] = []
+        start = 0
+        size = 0  # bytes of the open message's list items
+        for position, element in enumerate(change.elements):
+            attrs = _element_attrs(element)
+            item = _NLA.size + len(attrs)
+            if items and (
+                _NLA.size + size + item > elements_bytes
+                or used + overhead + size + item > transaction_bytes
+            ):
+                current.append(_Message(index, start, position, kind, flags, _body(head, items)))
+                used += overhead + size
+                items, start, size = [], position, 0
+            if not items and used + overhead + item > transaction_bytes:
+                if _TRANSACTION_OVERHEAD + overhead + item > transaction_bytes:
+                    raise TransactionTooLarge(
+                        table, _TRANSACTION_OVERHEAD + overhead + item, transaction_bytes
+                    )
+                transactions.append(current)
+                current, used = [], _TRANSACTION_OVERHEAD
+            items.append(attrs)
+            size += item
+        end = len(change.elements)
+        current.append(_Message(index, start, end, kind, flags, _body(head, items)))
+        used += overhead + size
+    if current:
+        transactions.append(current)
+    return transactions
+
+
+def encode_change(table: str, change: Change, seq: int) -> list[bytes]:
+    """The element-list messages of one change, each within the attribute size limit.
+
+    Sequence numbers count up from ``seq``; every message asks for an acknowledgement.
+    """
+    messages = _plan(table, [change], _UNLIMITED)
+    out = []
+    for offset, message in enumerate(messages[0] if messages else ()):
+        length = _NLMSGHDR.size + len(message.body)
+        flags = message.flags | NLM_F_ACK
+        out.append(_NLMSGHDR.pack(length, message.kind, flags, seq + offset, 0) + message.body)
+    return out
 
 
 class NftSocket:
-    """A netfilter netlink socket bound to the network namespace it was opened in."""
+    """A netfilter netlink socket bound to the network namespace it was opened in.
 
-    def __init__(self, table: str) -> None:
+    ``buffer_bytes`` is the send and receive buffer size requested (SO_SNDBUFFORCE, or SO_SNDBUF
+    capped at net.core.wmem_max without CAP_NET_ADMIN); ``max_transaction_bytes`` is what the
+    kernel then accepts in one transaction. ``sock`` is an already created NETLINK_NETFILTER
+    socket to use instead of a new one (it is configured and bound the same way).
+    """
+
+    def __init__(
+        self,
+        table: str,
+        buffer_bytes: int = _SOCKET_BUFFER_BYTES,
+        *,
+        sock: socket.socket | None = None,
+    ) -> None:
         self.table = table
-        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        if sock is None:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        self._sock = sock
+        for forced, capped in (
+            (SO_SNDBUFFORCE, socket.SO_SNDBUF),
+            (SO_RCVBUFFORCE, socket.SO_RCVBUF),
+        ):
             try:
-                self._sock.setsockopt(socket.SOL_SOCKET, option + 32, _SOCKET_BUFFER_BYTES)
+                sock.setsockopt(socket.SOL_SOCKET, forced, buffer_bytes)
             except OSError:  # *BUFFORCE needs CAP_NET_ADMIN; fall back to the capped size
-                self._sock.setsockopt(socket.SOL_SOCKET, option, _SOCKET_BUFFER_BYTES)
-        self._sock.bind((0, 0))
+                sock.setsockopt(socket.SOL_SOCKET, capped, buffer_bytes)
+        # error replies without the refused message (before Linux 4.3 they echo it: larger, fine)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+        sock.bind((0, 0))
+        # the kernel doubles the requested size; getsockopt returns the doubled sk_sndbuf
+        self.send_buffer_bytes: int = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        self.max_transaction_bytes: int = self.send_buffer_bytes - _SNDBUF_RESERVE
         # a blocking socket with kernel timeouts: settimeout() would add a poll(2) before every
         # send and receive
         timeout = struct.pack("ll", _TIMEOUT_S, 0)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeout)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeout)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeout)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeout)
         self._seq = 0
         self._lock = threading.Lock()
         # one receive buffer for the socket's life: a fresh megabyte per recv() would be mapped,
@@ -247,7 +433,11 @@ class NftSocket:
         self._buffer = bytearray(_RECEIVE_BYTES)
         self._view = memoryview(self._buffer)
 
-    def _recv(self) -> bytes:
+    def _recv(self, wait: bool = True) -> bytes:
+        """One datagram; without ``wait``, BlockingIOError when nothing is queued."""
+        if not wait:
+            size = self._sock.recv_into(self._buffer, 0, socket.MSG_DONTWAIT)
+            return self._view[:size].tobytes()
         try:
             size = self._sock.recv_into(self._buffer)
         except BlockingIOError as exc:  # SO_RCVTIMEO ran out
@@ -274,52 +464,115 @@ class NftSocket:
         return self._seq
 
     def _encode(self, change: Change, elements: Sequence[Element], seq: int) -> bytes:
-        if any(element.comment is not None for element in elements):
-            return encode_with_pyroute2(self.table, change, elements, seq)
+        """One element-list message for this table (loadtest/datapath.py times it)."""
         return encode_elements(self.table, change, elements, seq)
 
     def apply(self, changes: Iterable[Change]) -> int:
         """Send every change as one transaction; return the number of elements touched.
 
-        Raises ``BatchError`` naming the first operation the kernel refused.
+        Raises ``TransactionTooLarge`` (nothing sent) if the changes do not fit in one
+        transaction, and ``BatchError`` naming the first operation the kernel refused.
         """
+        planned = changes if isinstance(changes, list | tuple) else list(changes)
         with self._lock:
-            parts = [_control(NFNL_MSG_BATCH_BEGIN, self._next_seq())]
-            pending: dict[int, str] = {}
-            count = 0
-            for change in changes:
-                for chunk in _chunks(change.elements):
-                    seq = self._next_seq()
-                    pending[seq] = (
-                        f"{change.op.name.lower()} {len(chunk)} element(s) {change.set_name}"
-                    )
-                    parts.append(self._encode(change, chunk, seq))
-                    count += len(chunk)
-            if not pending:
+            transactions = _plan(self.table, planned, _UNLIMITED)
+            if not transactions:
                 return 0
-            parts.append(_control(NFNL_MSG_BATCH_END, self._next_seq()))
-            self._send(b"".join(parts))
-            self._collect_acks(pending)
+            messages = transactions[0]
+            self._transact(planned, messages)
+            return sum(message.end - message.start for message in messages)
+
+    def apply_steps(
+        self, steps: Sequence[Sequence[Change]], committed: Callable[[Change], None]
+    ) -> int:
+        """Send changes larger than one transaction as several, in order; return the elements.
+
+        The changes of all steps are cut into messages and packed greedily, in their order, into
+        transactions of at most ``max_transaction_bytes``: a change may be split between two
+        transactions (its first elements go first) and a step need not start a transaction,
+        but the kernel sees every element operation in the order of ``steps``. After each
+        transaction is acknowledged, ``committed`` gets, in order, one ``Change`` per change it
+        carried with the elements it carried, so a mirror can follow the kernel exactly; it runs
+        with this socket's lock held and must not use the socket (if it raises, nothing more is
+        sent).
+
+        Raises ``TransactionTooLarge`` before sending anything if a single element does not fit
+        in a transaction. Raises ``BatchError`` if a transaction fails: the transactions before
+        it stay committed (and were reported), nothing of the failed one or later took effect.
+        """
+        changes = [change for step in steps for change in step]
+        with self._lock:
+            transactions = _plan(self.table, changes, self.max_transaction_bytes)
+            count = 0
+            for messages in transactions:
+                self._transact(changes, messages)
+                for change in _carried(changes, messages):
+                    count += len(change.elements)
+                    committed(change)
             return count
 
-    def _collect_acks(self, pending: dict[int, str]) -> None:
+    def _transact(self, changes: Sequence[Change], messages: Sequence[_Message]) -> None:
+        """Send ``messages`` as one transaction and wait for the kernel's verdict."""
+        begin = self._next_seq()
+        parts = [_control(NFNL_MSG_BATCH_BEGIN, begin)]
+        sent: dict[int, _Message] = {}
+        seq = begin
+        last = len(messages) - 1
+        for position, message in enumerate(messages):
+            seq = self._next_seq()
+            flags = (message.flags | NLM_F_ACK) if position == last else message.flags
+            parts.append(
+                _NLMSGHDR.pack(_NLMSGHDR.size + len(message.body), message.kind, flags, seq, 0)
+            )
+            parts.append(message.body)
+            sent[seq] = message
+        parts.append(_control(NFNL_MSG_BATCH_END, self._next_seq()))
+        data = b"".join(parts)
+        if len(data) > self.max_transaction_bytes:
+            raise TransactionTooLarge(self.table, len(data), self.max_transaction_bytes)
+        self._send(data)
+        self._collect(changes, begin, sent, seq)
+
+    def _collect(
+        self, changes: Sequence[Change], begin: int, sent: dict[int, _Message], last: int
+    ) -> None:
+        """Read replies up to the acknowledgement of message ``last``.
+
+        Errors come in message order before that acknowledgement (a failed commit, reported
+        against the batch begin, before them). Once the kernel reported a failure, or replies
+        were dropped, everything it will send is already queued: read it without waiting.
+        """
         failure: BatchError | None = None
-        while pending:
+        wait = True
+        done = False
+        while not done:
             try:
-                buffer = self._recv()
-            except TimeoutError:
-                if failure is not None:
-                    break  # the kernel reported the failure and sent no more acknowledgements
-                raise
+                buffer = self._recv(wait)
+            except BlockingIOError:
+                break  # nothing more queued
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                wait = False  # the receive buffer overflowed: the last replies are gone
+                continue
             for msg_type, _flags, seq, raw in _messages(buffer):
-                if msg_type != NLMSG_ERROR or seq not in pending:
-                    continue  # late acknowledgements of an earlier, failed batch
-                what = pending.pop(seq)
+                if msg_type != NLMSG_ERROR or (seq != begin and seq not in sent):
+                    continue  # late replies of an earlier, failed batch
                 (code,) = struct.unpack_from("=i", raw, _NLMSGHDR.size)
                 if code and failure is None:
+                    what = _describe(changes, sent[seq]) if seq in sent else "transaction"
                     failure = BatchError(-code, f"table {self.table}: {what}")
+                done = done or seq == last
+            if failure is not None:
+                wait = False
         if failure is not None:
             raise failure
+        if not done:
+            raise NetlinkError(
+                errno.ENOBUFS,
+                f"table {self.table}: the kernel's replies overflowed the receive buffer; "
+                "whether the transaction took effect is unknown",
+            )
 
     def dump(self, set_name: str) -> list[Element]:
         """Every element of one set, with timeouts and remaining lifetimes."""
@@ -348,6 +601,28 @@ class NftSocket:
                             raise NetlinkError(-code, f"dump {self.table}/{set_name}")
                         return elements
                     elements.extend(_decode_elements(raw))
+
+
+def _describe(changes: Sequence[Change], message: _Message) -> str:
+    change = changes[message.change]
+    count = message.end - message.start
+    return f"{change.op.name.lower()} {count} element(s) {change.set_name}"
+
+
+def _carried(changes: Sequence[Change], messages: Sequence[_Message]) -> Iterator[Change]:
+    """One Change per change in ``messages`` (in order), with the elements they carry."""
+    position = 0
+    while position < len(messages):
+        first = messages[position]
+        while position + 1 < len(messages) and messages[position + 1].change == first.change:
+            position += 1
+        end = messages[position].end
+        change = changes[first.change]
+        if first.start == 0 and end == len(change.elements):
+            yield change
+        else:
+            yield Change(change.op, change.set_name, change.elements[first.start : end])
+        position += 1
 
 
 def _decode_elements(raw: bytes) -> Iterator[Element]:
