@@ -12,7 +12,10 @@ Choices worth knowing:
 - kinds other than EgressGateway, EgressPolicy, Namespace and Pod are reported as unsupported
   (CustomResourceDefinitions too), so running ``policy check`` on the wrong directory is obvious;
 - in directories, ``*.yaml`` and ``*.yml`` are read recursively in sorted order, skipping names
-  that start with "." (editor temporary files, ConfigMap mounts' ``..data`` copies);
+  that start with "." (editor temporary files, a ConfigMap mount's ``..data`` and generations);
+  a ConfigMap mount is read through its visible names, all in one generation, and a file reached
+  by two names is read once (``walk``). The daemon's manifest source uses the same walk, reader
+  and ``build_snapshot``, so it and ``policy check`` see the same objects and the same problems;
 - a Pod without ``metadata.namespace`` is in "default", as with kubectl; an EgressPolicy must name
   its namespace, so a policy never lands in a namespace by accident;
 - a Namespace gets the ``kubernetes.io/metadata.name`` label, as the API server sets it;
@@ -23,11 +26,13 @@ Choices worth knowing:
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
+import stat
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import yaml
 
@@ -556,28 +561,187 @@ def _yaml_problem(source: str, exc: yaml.YAMLError) -> Problem:
     return Problem(source, "?", None, "?", "", message)
 
 
+MANIFEST_SUFFIXES = (".yaml", ".yml")
+CONFIGMAP_DATA = "..data"  # the kubelet's symlink to the current generation of a mount
+_ATTEMPTS = 5  # walks restarted because the kubelet swapped generations meanwhile
+
+
+class Stamp(NamedTuple):
+    """Which file a manifest is read from and how it was then, to notice a change by ``stat``.
+
+    The target (for a ConfigMap mount it names the generation's directory) and the inode change
+    whenever the file is replaced, even by one of the same size and times; size and times change
+    when it is written in place (ctime too when ``touch`` or ``cp -p`` puts the mtime back)."""
+
+    target: str
+    device: int
+    inode: int
+    mtime_ns: int
+    ctime_ns: int
+    size: int
+
+
+def _stamp(target: Path, st: os.stat_result) -> Stamp:
+    return Stamp(str(target), st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+
+
+@dataclass(frozen=True)
+class ManifestFile:
+    """One manifest file found by ``walk``."""
+
+    path: Path  # the visible name: what problems and duplicate notes name
+    target: Path  # what is opened: in a ConfigMap mount, the file in the walk's generation
+    stamp: Stamp
+    pinned: bool  # target lies in a generation the walk pinned (see ``GenerationMoved``)
+
+
+class GenerationMoved(Exception):
+    """The ConfigMap generation a walk pinned was removed before its files were read: the
+    kubelet swapped in a newer one. Walk again."""
+
+
+class _Walk:
+    def __init__(self, root: Path) -> None:
+        self.root_real = os.path.realpath(root)
+        self.visited: set[tuple[int, int]] = set()
+        self.found: list[ManifestFile] = []
+
+    def directory(self, visible: Path, actual: Path, generation: Path | None) -> None:
+        """Collect the manifests under ``actual``, named as under ``visible``. ``generation`` is
+        the pinned ConfigMap generation ``actual`` lies in, if any: the kubelet never changes a
+        generation's files, it only removes the whole generation, so a file missing from it
+        means the walk must start again."""
+        try:
+            with os.scandir(actual) as scan:
+                listed = [(e.name, e.is_symlink()) for e in scan]
+        except FileNotFoundError:
+            if generation is not None:
+                raise GenerationMoved(str(actual)) from None
+            return  # removed while walking
+        except OSError:
+            return  # not a directory any more, or no permission: nothing we could read
+        entries = {name: (actual / name, generation) for name, _ in listed}
+        links = {name for name, is_link in listed if is_link}
+        if CONFIGMAP_DATA in links:
+            pinned = self.configmap(actual, links)
+            if pinned is not None:
+                entries = {n: e for n, e in entries.items() if n not in pinned[1]}
+                entries.update((n, (pinned[0] / n, pinned[0])) for n in pinned[2])
+        for name in sorted(entries):
+            if name.startswith("."):
+                continue
+            target, in_generation = entries[name]
+            self.entry(visible / name, target, in_generation, name in links)
+
+    def configmap(self, directory: Path, links: set[str]) -> tuple[Path, set[str], set[str]] | None:
+        """For a ConfigMap mount: the generation ``..data`` points at, read once so that a walk
+        racing a swap sees the old generation or the new one, never files of both; the visible
+        names that link through ``..data``; and the names the generation holds.
+
+        The names come from the generation, not from those links: the kubelet adds and removes
+        the links only after the swap, and a key moved to a new name would otherwise be missing
+        (or its stale link dangling) for a moment."""
+        try:
+            generation = directory / os.readlink(directory / CONFIGMAP_DATA)
+            with os.scandir(generation) as scan:
+                held = {e.name for e in scan if not e.name.startswith(".")}
+        except FileNotFoundError:
+            raise GenerationMoved(str(directory)) from None
+        except OSError:
+            return None  # not a mount the kubelet writes: read the directory as it is
+        through_data = set()
+        for name in links:
+            try:
+                if os.readlink(directory / name).startswith(CONFIGMAP_DATA + "/"):
+                    through_data.add(name)
+            except OSError:
+                continue  # removed meanwhile
+        return generation, through_data, held
+
+    def entry(self, visible: Path, target: Path, generation: Path | None, is_link: bool) -> None:
+        try:
+            st = os.stat(target)
+        except FileNotFoundError:
+            if generation is not None:
+                raise GenerationMoved(str(target)) from None
+            return  # a dangling symlink, or removed while walking
+        except OSError:
+            return  # a symlink loop, no permission: not a file we could read
+        if stat.S_ISDIR(st.st_mode):
+            if (st.st_dev, st.st_ino) in self.visited:
+                return
+            if is_link and not self.inside(target):
+                return  # following links out of the directory could walk the whole host
+            self.visited.add((st.st_dev, st.st_ino))
+            self.directory(visible, target, generation)
+        elif stat.S_ISREG(st.st_mode) and visible.name.endswith(MANIFEST_SUFFIXES):
+            pinned = generation is not None
+            self.found.append(ManifestFile(visible, target, _stamp(target, st), pinned))
+
+    def inside(self, target: Path) -> bool:
+        real = os.path.realpath(target)
+        return real == self.root_real or real.startswith(self.root_real.rstrip("/") + "/")
+
+
+def walk(path: Path) -> list[ManifestFile]:
+    """The ``*.yaml``/``*.yml`` files under a directory, sorted by name, each file once.
+
+    Names starting with "." are skipped at every level below ``path``: editor temporary files,
+    and a ConfigMap mount's ``..<timestamp>/`` generations and ``..data``. A ConfigMap mount's
+    files go by their visible names (``DIR/x.yaml``, which links to ``..data/x.yaml``) and are all
+    read from the one generation ``..data`` pointed at when the walk looked (see
+    ``_Walk.configmap``). A file reached by two names (a symlink, a hard link) is listed once,
+    under the name that sorts first. Symlinked directories are followed while they stay inside
+    ``path``.
+    """
+    for attempt in range(_ATTEMPTS):
+        walker = _Walk(path)
+        try:
+            st = os.stat(path)
+            walker.visited.add((st.st_dev, st.st_ino))
+            walker.directory(path, path, None)
+        except FileNotFoundError:
+            return []
+        except GenerationMoved:
+            if attempt == _ATTEMPTS - 1:
+                raise
+            continue
+        unique: dict[tuple[int, int], ManifestFile] = {}
+        for found in sorted(walker.found, key=lambda f: f.path):
+            unique.setdefault((found.stamp.device, found.stamp.inode), found)
+        return list(unique.values())
+    raise AssertionError("unreachable")
+
+
 def files_in(path: Path) -> list[Path]:
-    """``path`` itself, or the ``*.yaml``/``*.yml`` files under it, sorted; hidden names skipped."""
+    """``path`` itself, or the manifest files under it as ``walk`` finds them."""
     if not path.is_dir():
         return [path]
-    found = [
-        p
-        for p in path.rglob("*")
-        if p.suffix in (".yaml", ".yml")
-        and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(path).parts)
-    ]
-    return sorted(found)
+    return [found.path for found in walk(path)]
 
 
-def load_file(path: Path) -> tuple[list[tuple[str, KubeObject]], list[Problem]]:
-    """Every valid object of one file with its source, and every problem."""
-    source = str(path)
+def read_manifest(found: ManifestFile) -> tuple[Stamp, bytes]:
+    """The bytes of a file and the stamp of what was read. The stamp is taken before reading,
+    so a write during the read shows as a change the next time the file is looked at.
+
+    Raises GenerationMoved if the file's pinned generation is gone, FileNotFoundError if the file
+    is, and OSError if it cannot be read."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(found.target, "rb") as file:
+            st = os.fstat(file.fileno())
+            data = file.read()
     except FileNotFoundError:
-        return [], [Problem(source, "?", None, "?", "", "no such file or directory")]
-    except (OSError, UnicodeDecodeError) as exc:
+        if found.pinned:
+            raise GenerationMoved(str(found.target)) from None
+        raise
+    return _stamp(found.target, st), data
+
+
+def parse_manifest(source: str, data: bytes) -> tuple[list[tuple[str, KubeObject]], list[Problem]]:
+    """Every valid object of one file's content with its source, and every problem."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
         return [], [Problem(source, "?", None, "?", "", f"cannot read the file: {exc}")]
     objects: list[tuple[str, KubeObject]] = []
     problems: list[Problem] = []
@@ -594,21 +758,63 @@ def load_file(path: Path) -> tuple[list[tuple[str, KubeObject]], list[Problem]]:
     return objects, problems
 
 
+def _unreadable(source: str, exc: OSError) -> Problem:
+    if isinstance(exc, FileNotFoundError):
+        return Problem(source, "?", None, "?", "", "no such file or directory")
+    return Problem(source, "?", None, "?", "", f"cannot read the file: {exc}")
+
+
 def load_paths(paths: Sequence[str | Path]) -> LoadResult:
-    """Load files and directories (recursively) into one Snapshot of the valid objects."""
+    """Load files and directories (recursively) into one Snapshot of the valid objects.
+
+    A file reached twice (a directory given twice, or a file and its directory) is read once."""
+    for attempt in range(_ATTEMPTS):
+        try:
+            return _load_paths(paths)
+        except GenerationMoved:
+            if attempt == _ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _given(path: Path) -> list[ManifestFile]:
+    """The manifest files of one path given on the command line."""
+    if path.is_dir():
+        return walk(path)
+    return [ManifestFile(path, path, _stamp(path, os.stat(path)), pinned=False)]
+
+
+def _load_paths(paths: Sequence[str | Path]) -> LoadResult:
     objects: list[tuple[str, KubeObject]] = []
     problems: list[Problem] = []
     files: dict[str, int] = {}
+    seen: set[tuple[int, int]] = set()
     for given in paths:
         path = Path(given)
         if not path.exists():
             problems.append(Problem(str(given), "?", None, "?", "", "no such file or directory"))
             continue
-        for file in files_in(path):
-            found, file_problems = load_file(file)
-            objects.extend(found)
+        try:
+            given_files = _given(path)
+        except OSError as exc:  # removed since the check above
+            problems.append(_unreadable(str(given), exc))
+            continue
+        for found in given_files:
+            identity = (found.stamp.device, found.stamp.inode)
+            if identity in seen:
+                continue
+            seen.add(identity)
+            source = str(found.path)
+            try:
+                _, data = read_manifest(found)
+            except OSError as exc:
+                problems.append(_unreadable(source, exc))
+                files[source] = 0
+                continue
+            file_objects, file_problems = parse_manifest(source, data)
+            objects.extend(file_objects)
             problems.extend(file_problems)
-            files[str(file)] = len(found)
+            files[source] = len(file_objects)
     snapshot, cross = build_snapshot(objects)
     problems.extend(cross)
     # a duplicate or a clash removes an object: keep the per-file counts honest

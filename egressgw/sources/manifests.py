@@ -1,135 +1,152 @@
 """A directory of YAML manifests as the desired state, re-read when it changes.
 
-In: a directory (recursive ``*.yaml``/``*.yml``). Out: a Snapshot each time a file is added,
-changed or removed. A file with any problem is reported and ignored as a whole: the objects it
-held when it was last valid stay in force, so a bad edit never opens or closes anything.
-Change detection polls (path, size, mtime) twice a second: cheap, and works on every filesystem
-and with editors that replace files.
+In: a directory. Out: a Snapshot each time a file is added, changed or removed.
+
+The files are found, read and checked as ``egressgw policy check`` does (``policy.load``: the
+same walk, which skips hidden names and reads a ConfigMap mount through its visible names in one
+generation; the same parser; the same ``build_snapshot`` with its duplicate rules and words), so
+the daemon applies exactly what ``policy check`` calls valid, with one difference: a file with
+any problem is reported and ignored as a whole, and the objects it held when it was last valid
+stay in force, so a bad edit never opens or closes anything. That is why files are parsed one by
+one and merged afterwards.
+
+Change detection polls ``stat`` of every file twice a second: cheap, and it works on every
+filesystem. The stamp follows symlinks and includes the file's inode and the generation
+directory it lies in, so a ConfigMap swap (new files behind the same visible names, possibly of
+the same size and mtime) and an editor's rename are both seen. A file whose stamp changed but
+whose bytes did not (the other keys of a ConfigMap changed) is not parsed again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from egressgw.policy.load import Problem, load_paths
-from egressgw.policy.model import EgressGateway, EgressPolicy, Namespace, Pod, Snapshot
+from egressgw.policy.load import (
+    GenerationMoved,
+    KubeObject,
+    ManifestFile,
+    Problem,
+    Stamp,
+    build_snapshot,
+    parse_manifest,
+    read_manifest,
+    walk,
+)
+from egressgw.policy.model import Snapshot
 
 log = logging.getLogger(__name__)
 POLL_INTERVAL_S = 0.5
-Stamp = tuple[int, int]
+SCAN_ATTEMPTS = 5  # scans restarted because the kubelet swapped generations meanwhile
 
 
 @dataclass
 class FileState:
     stamp: Stamp
-    snapshot: Snapshot | None  # the last valid content; None if never valid
+    digest: bytes | None  # of the bytes last read (not the bytes: a large directory stays
+    # small in memory); None if the file could not be read
+    objects: list[tuple[str, KubeObject]]  # the last valid content; empty if never valid
     problems: list[Problem] = field(default_factory=list)
-
-
-def _stamps(directory: Path) -> dict[Path, Stamp]:
-    found: dict[Path, Stamp] = {}
-    for pattern in ("*.yaml", "*.yml"):
-        for path in directory.rglob(pattern):
-            try:
-                st = path.stat()
-            except FileNotFoundError:
-                continue
-            if path.is_file():
-                found[path] = (st.st_mtime_ns, st.st_size)
-    return found
-
-
-def merge(snapshots: list[tuple[Path, Snapshot]]) -> tuple[Snapshot, list[str]]:
-    """One Snapshot from per-file ones; an object defined twice keeps its first file's copy."""
-    namespaces: dict[str, Namespace] = {}
-    pods: dict[tuple[str, str], Pod] = {}
-    gateways: dict[str, EgressGateway] = {}
-    policies: dict[tuple[str, str], EgressPolicy] = {}
-    notes: list[str] = []
-    seen: dict[tuple[str, ...], Path] = {}
-
-    def claim(ident: tuple[str, ...], path: Path) -> bool:
-        first = seen.setdefault(ident, path)
-        if first != path:
-            notes.append(f"{path}: {'/'.join(ident)} is already defined in {first}; ignored")
-            return False
-        return True
-
-    for path, snap in sorted(snapshots, key=lambda item: str(item[0])):
-        for ns in snap.namespaces.values():
-            if claim(("Namespace", ns.name), path):
-                namespaces[ns.name] = ns
-        for pod in snap.pods:
-            if claim(("Pod", pod.namespace, pod.name), path):
-                pods[(pod.namespace, pod.name)] = pod
-        for gw in snap.gateways:
-            if claim(("EgressGateway", gw.name), path):
-                gateways[gw.name] = gw
-        for pol in snap.policies:
-            if claim(("EgressPolicy", pol.namespace, pol.name), path):
-                policies[(pol.namespace, pol.name)] = pol
-    merged = Snapshot(
-        namespaces=namespaces,
-        pods=tuple(pods.values()),
-        gateways=tuple(gateways.values()),
-        policies=tuple(policies.values()),
-    )
-    return merged, notes
 
 
 class ManifestSource:
     def __init__(self, directory: str | Path, poll_interval_s: float = POLL_INTERVAL_S) -> None:
         self.directory = Path(directory)
         self.poll_interval_s = poll_interval_s
-        self.files: dict[Path, FileState] = {}
+        self.files: dict[Path, FileState] = {}  # in the walk's order: the order duplicates use
+        self.cross_problems: list[Problem] = []  # duplicates and clashes between files
         self.synced = asyncio.Event()
 
     def problems(self) -> list[Problem]:
-        return [p for state in self.files.values() for p in state.problems]
+        per_file = [p for state in self.files.values() for p in state.problems]
+        return per_file + self.cross_problems
 
     def scan(self) -> Snapshot | None:
         """Re-read changed files; return the new Snapshot, or None if nothing changed."""
         if not self.directory.is_dir():
             raise FileNotFoundError(f"manifests directory {self.directory} does not exist")
-        stamps = _stamps(self.directory)
-        changed = False
-        for path in [p for p in self.files if p not in stamps]:
-            del self.files[path]
-            log.info("manifest removed: %s", path)
-            changed = True
-        for path, stamp in stamps.items():
-            state = self.files.get(path)
-            if state is not None and state.stamp == stamp:
-                continue
-            result = load_paths([path])
-            changed = True
-            if result.problems:
-                for problem in result.problems:
-                    log.error("invalid manifest, previous content stays in force: %s", problem)
-                self.files[path] = FileState(
-                    stamp, state.snapshot if state else None, list(result.problems)
-                )
-            else:
-                log.info("manifest loaded: %s", path)
-                self.files[path] = FileState(stamp, result.snapshot)
+        for _ in range(SCAN_ATTEMPTS):
+            try:
+                files, changed, events = self._read(walk(self.directory))
+                break
+            except GenerationMoved:
+                continue  # the old generation was removed under this scan: read the new one
+        else:
+            log.warning(
+                "%s changed generation %d times during one scan; trying again at the next poll",
+                self.directory,
+                SCAN_ATTEMPTS,
+            )
+            return None
+        for level, message in events:
+            log.log(level, "%s", message)
+        self.files = files
         if not changed and self.synced.is_set():
             return None
-        valid = [(p, s.snapshot) for p, s in self.files.items() if s.snapshot is not None]
-        snapshot, notes = merge(valid)
-        for note in notes:
-            log.error("%s", note)
+        objects = [obj for state in files.values() for obj in state.objects]
+        snapshot, cross = build_snapshot(objects)
+        for problem in cross:
+            log.error("invalid object, not applied: %s", problem)
+        self.cross_problems = cross
         self.synced.set()
         return snapshot
+
+    def _read(
+        self, found: list[ManifestFile]
+    ) -> tuple[dict[Path, FileState], bool, list[tuple[int, str]]]:
+        """The new state of every file, whether any content changed, and what to log.
+        Changes nothing: a scan restarted by ``GenerationMoved`` leaves no trace."""
+        files: dict[Path, FileState] = {}
+        events: list[tuple[int, str]] = []
+        changed = False
+        for manifest in found:
+            path, old = manifest.path, self.files.get(manifest.path)
+            if old is not None and old.stamp == manifest.stamp:
+                files[path] = old
+                continue
+            objects: list[tuple[str, KubeObject]] = []
+            digest: bytes | None = None
+            try:
+                stamp, content = read_manifest(manifest)
+            except FileNotFoundError:
+                continue  # removed since the walk: as if the walk had not seen it
+            except OSError as exc:
+                stamp = manifest.stamp
+                problems = [Problem(str(path), "?", None, "?", "", f"cannot read the file: {exc}")]
+            else:
+                digest = hashlib.blake2b(content, digest_size=16).digest()
+                if old is not None and old.digest == digest:
+                    files[path] = replace(old, stamp=stamp)
+                    continue
+                objects, problems = parse_manifest(str(path), content)
+            changed = True
+            if problems:
+                for problem in problems:
+                    message = f"invalid manifest, previous content stays in force: {problem}"
+                    events.append((logging.ERROR, message))
+                kept = old.objects if old is not None else []
+                files[path] = FileState(stamp, digest, kept, problems)
+            else:
+                events.append((logging.INFO, f"manifest loaded: {path}"))
+                files[path] = FileState(stamp, digest, objects)
+        for path in self.files.keys() - files.keys():
+            events.append((logging.INFO, f"manifest removed: {path}"))
+            changed = True
+        return files, changed, events
 
     def unchanged(self) -> bool:
         """Whether every file is as last read: a few stat calls, cheap enough for the loop."""
         if not self.synced.is_set() or not self.directory.is_dir():
             return False
-        return _stamps(self.directory) == {p: state.stamp for p, state in self.files.items()}
+        try:
+            found = walk(self.directory)
+        except GenerationMoved:
+            return False
+        return {f.path: f.stamp for f in found} == {p: s.stamp for p, s in self.files.items()}
 
     async def snapshots(self) -> AsyncIterator[Snapshot]:
         """The first Snapshot at once, then one after each change. Runs until cancelled.

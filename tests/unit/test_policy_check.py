@@ -39,6 +39,15 @@ def test_problems_are_listed_then_summarised(tmp_path: Path) -> None:
     ]
 
 
+def test_a_directory_given_twice_is_read_once() -> None:
+    policies = str(REPO / "policies")
+    status, lines = run([policies, policies, f"{policies}/payments.yaml"])
+    assert (status, lines) == (
+        0,
+        [f"{policies}, {policies}, {policies}/payments.yaml: 4 objects, all valid"],
+    )
+
+
 def test_nothing_to_check_is_a_failure(tmp_path: Path) -> None:
     assert run([str(tmp_path)]) == (1, [f"{tmp_path}: no *.yaml or *.yml files found"])
 

@@ -9,7 +9,14 @@ from typing import Any
 import pytest
 import yaml
 
-from egressgw.policy.load import Problem, build_snapshot, load_paths, parse_object
+from egressgw.policy.load import (
+    Problem,
+    build_snapshot,
+    files_in,
+    load_paths,
+    parse_object,
+    walk,
+)
 from egressgw.policy.model import (
     Action,
     EgressGateway,
@@ -402,6 +409,68 @@ def test_directories_are_read_recursively_sorted_and_hidden_names_skipped(tmp_pa
     assert result.problems == []
     assert result.files == {str(tmp_path / "b.yaml"): 1, str(tmp_path / "sub" / "a.yml"): 2}
     assert sorted(result.snapshot.namespaces) == ["a", "b", "c"]
+
+
+def test_hidden_names_are_skipped_at_every_level(tmp_path: Path) -> None:
+    write(tmp_path / "a.yaml", NAMESPACE_DOC % "a")
+    write(tmp_path / "sub" / ".hidden" / "b.yaml", NAMESPACE_DOC % "b")
+    write(tmp_path / "sub" / ".b.yaml", NAMESPACE_DOC % "b")
+    write(tmp_path / "sub" / "..data" / "b.yaml", NAMESPACE_DOC % "b")
+    write(tmp_path / "sub" / "c.yml", NAMESPACE_DOC % "c")
+    assert files_in(tmp_path) == [tmp_path / "a.yaml", tmp_path / "sub" / "c.yml"]
+    # the directory given may itself be hidden: only what is below it counts
+    assert files_in(tmp_path / "sub" / ".hidden") == [tmp_path / "sub" / ".hidden" / "b.yaml"]
+
+
+def test_a_file_reached_by_two_names_is_read_once(tmp_path: Path) -> None:
+    write(tmp_path / "b.yaml", NAMESPACE_DOC % "b")
+    (tmp_path / "a.yaml").symlink_to("b.yaml")
+    (tmp_path / "c.yaml").hardlink_to(tmp_path / "b.yaml")
+    (tmp_path / "same").symlink_to(".", target_is_directory=True)
+    (tmp_path / "dangling.yaml").symlink_to("nowhere.yaml")
+    assert files_in(tmp_path) == [tmp_path / "a.yaml"]
+    for paths in ([tmp_path], [tmp_path, tmp_path], [tmp_path / "b.yaml", tmp_path]):
+        result = load_paths(paths)
+        assert result.problems == [], paths
+        assert sum(result.files.values()) == 1, paths
+
+
+def test_symlinked_directories_are_followed_only_inside_the_directory(tmp_path: Path) -> None:
+    root = tmp_path / "manifests"
+    write(root / "real" / "a.yaml", NAMESPACE_DOC % "a")
+    write(tmp_path / "elsewhere" / "b.yaml", NAMESPACE_DOC % "b")
+    (root / "inside").symlink_to("real", target_is_directory=True)
+    (root / "outside").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (root / "real" / "loop").symlink_to("..", target_is_directory=True)
+    assert files_in(root) == [root / "inside" / "a.yaml"]
+
+
+def configmap(root: Path, generation: str, files: dict[str, str]) -> None:
+    """A ConfigMap volume as the kubelet lays it out (items paths may have directories)."""
+    for name, text in files.items():
+        write(root / generation / name, text)
+    (root / "..data").symlink_to(generation)
+    for name in {n.split("/")[0] for n in files}:
+        (root / name).symlink_to(f"..data/{name}")
+
+
+def test_a_configmap_mount_is_read_by_its_visible_names(tmp_path: Path) -> None:
+    old = {"a.yaml": NAMESPACE_DOC % "old", "sub/b.yaml": NAMESPACE_DOC % "b"}
+    configmap(tmp_path, "..2026_12_01_19_00_00.111111111", old)
+    (tmp_path / "..data").unlink()
+    (tmp_path / "a.yaml").unlink()
+    (tmp_path / "sub").unlink()
+    new = {"a.yaml": NAMESPACE_DOC % "a", "sub/b.yaml": NAMESPACE_DOC % "b"}
+    configmap(tmp_path, "..2026_12_01_20_00_00.123456789", new)
+    result = load_paths([tmp_path])
+    assert result.problems == []
+    assert result.files == {str(tmp_path / "a.yaml"): 1, str(tmp_path / "sub" / "b.yaml"): 1}
+    assert sorted(result.snapshot.namespaces) == ["a", "b"]
+    generation = tmp_path / "..2026_12_01_20_00_00.123456789"
+    assert [(f.path, f.target, f.pinned) for f in walk(tmp_path)] == [
+        (tmp_path / "a.yaml", generation / "a.yaml", True),
+        (tmp_path / "sub" / "b.yaml", generation / "sub" / "b.yaml", True),
+    ]
 
 
 def test_empty_documents_are_ignored(tmp_path: Path) -> None:
