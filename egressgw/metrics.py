@@ -44,6 +44,10 @@ RECONCILE_SECONDS = Histogram(
 RECONCILE_ERRORS = Counter(
     "egressgw_reconcile_errors_total", "Reconciles the kernel or the system refused"
 )
+LEARNED_REVOKED = Counter(
+    "egressgw_learned_revoked_total",
+    "Learned elements removed or narrowed because the plan in force no longer allows them",
+)
 DATAPATH_CHANGES = Counter(
     "egressgw_datapath_elements_changed_total", "Set elements written or removed", ["operation"]
 )

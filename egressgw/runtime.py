@@ -257,18 +257,21 @@ class Daemon:
         wanted = set(plan.desired.egress_ips)
         previously = set(self.held)
         self._addresses.sync(wanted | previously, previously)
-        result = self.datapath.reconcile(plan.desired)
+        # Learned elements are decided again under the new plan in the same transaction; the
+        # interceptor is handed the plan once it is the one in force in the kernel.
+        view = PolicyView(plan.workloads, NamePolicy(plan.selections))
+        interceptor = self.interceptor
+        committed = (lambda: interceptor.offer(view)) if interceptor is not None else None
+        result = self.datapath.reconcile(plan.desired, view.names, committed)
         changes = self._addresses.sync(wanted, previously)
         self.held = set(wanted)
         self.workloads = plan.workloads
         self.last_plan = plan
-        if self.interceptor is not None:
-            view = PolicyView(plan.workloads, NamePolicy(plan.selections))
-            self.interceptor.update(view)  # one reference swap: the loop sees old or new
         elapsed = time.perf_counter() - started
         metrics.RECONCILE_SECONDS.observe(elapsed)
         metrics.DATAPATH_CHANGES.labels("add").inc(result.added)
         metrics.DATAPATH_CHANGES.labels("remove").inc(result.removed + result.learned_removed)
+        metrics.LEARNED_REVOKED.inc(result.learned_removed)
         metrics.WORKLOADS.set(len(plan.workloads))
         metrics.IDENTITIES.set(len(plan.desired.identities))
         metrics.EGRESS_IPS_HELD.set(len(wanted))
@@ -287,13 +290,14 @@ class Daemon:
                 log.exception("could not report status")
         log.info(
             "applied: %d workloads, %d identities, %d egress IPs; +%d -%d elements, "
-            "%d learned removed, addresses +%s -%s (%.1f ms)",
+            "%d learned removed (%d narrower written), addresses +%s -%s (%.1f ms)",
             len(plan.workloads),
             len(plan.desired.identities),
             len(wanted),
             result.added,
             result.removed,
             result.learned_removed,
+            result.learned_rewritten,
             [str(a) for a in changes.added],
             [str(a) for a in changes.removed],
             elapsed * 1000,

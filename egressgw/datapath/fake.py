@@ -8,24 +8,44 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-from egressgw.datapath.state import Learned
+from egressgw.datapath.kernel import StalePolicy
+from egressgw.datapath.state import Learned, LearnedPolicy
 
 
 class FakeDatapath:
     def __init__(self) -> None:
         self.learned: dict[Learned, float] = {}  # element -> lifetime asked for, seconds
+        self.names: dict[Learned, set[str]] = {}  # element -> the names that opened it
         self.batches = 0
         self.fail_with: Exception | None = None
         self.delay_s = 0.0
+        self.epoch = 0
+        self.in_force: LearnedPolicy | None = None  # None: accept under any policy
 
-    def program(self, learned: Iterable[Learned], lifetime_s: float) -> int:
+    def commit(self, policy: LearnedPolicy | None) -> None:
+        """What a reconcile does to the interceptor's world: a new epoch, a new policy."""
+        self.epoch += 1
+        self.in_force = policy
+
+    def program(
+        self,
+        learned: Iterable[Learned],
+        lifetime_s: float,
+        *,
+        name: str | None = None,
+        policy: LearnedPolicy | None = None,
+    ) -> int:
         items = list(learned)
+        if self.in_force is not None and policy is not None and policy is not self.in_force:
+            raise StalePolicy("the policy changed")
         if self.fail_with is not None:
             raise self.fail_with
         if self.delay_s:
             time.sleep(self.delay_s)
         written = 0
         for item in items:
+            if name is not None:
+                self.names.setdefault(item, set()).add(name)
             if self.learned.get(item, -1) < lifetime_s:
                 self.learned[item] = lifetime_s
                 written += 1

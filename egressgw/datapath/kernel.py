@@ -25,24 +25,51 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from egressgw.datapath import keys, skeleton
-from egressgw.datapath.netlink import Change, Element, NftSocket, Op
+from egressgw.datapath.netlink import (
+    Change,
+    Element,
+    NftSocket,
+    Op,
+    TransactionTooLarge,
+)
 from egressgw.datapath.netns import call_in
 from egressgw.datapath.state import (
     LEARNED_SETS,
     DesiredState,
+    Fate,
+    Judge,
     Learned,
+    LearnedPolicy,
     learned_identity,
     same_element,
+    whole_seconds_ms,
+    with_name,
 )
 
 log = logging.getLogger(__name__)
 
 ElementKey = tuple[bytes, bytes | None]
 Clock = Callable[[], float]
+# Sets whose elements let traffic through: removing one closes, adding one opens. A Deny box
+# (CLOSING_SETS) works the other way round. The rest only describe (identities, accounting,
+# the egress IPs held) and go in with the closing half.
+OPENING_SETS = frozenset(
+    {"default_allow", "audit"}
+    | {f"{kind}{f}" for kind in ("snat", "workloads") for f in (4, 6)}
+    | {f"allow{f}_net" for f in (4, 6)}
+)
+CLOSING_SETS = frozenset(f"deny{f}_net" for f in (4, 6))
+
+
+_Halves = tuple[list[Change], list[Change]]
 
 
 class UnknownIdentity(LookupError):
     """Learned elements were offered for an identity the datapath does not hold."""
+
+
+class StalePolicy(RuntimeError):
+    """Learned elements were offered under a policy that is no longer the one in force."""
 
 
 @dataclass
@@ -57,7 +84,8 @@ class Traffic:
 class ReconcileResult:
     added: int = 0
     removed: int = 0
-    learned_removed: int = 0
+    learned_removed: int = 0  # learned elements revoked (or replaced by narrower ones)
+    learned_rewritten: int = 0  # the narrower elements written in their place
 
     @property
     def changed(self) -> bool:
@@ -78,7 +106,11 @@ class NftDatapath:
     """The kernel side. Methods are synchronous and fast (one sendmsg per change)."""
 
     def __init__(
-        self, table: str, uplink: str, netns: str | None = None, clock: Clock = time.monotonic
+        self,
+        table: str,
+        uplink: str,
+        netns: str | None = None,
+        clock: Clock = time.monotonic,
     ) -> None:
         self.table = table
         self.uplink = uplink
@@ -95,6 +127,11 @@ class NftDatapath:
         self._writes = itertools.count()
         # reconcile runs in a worker thread while DNS answers program from the event loop
         self._lock = threading.RLock()
+        self._reconcile_lock = threading.Lock()  # one reconcile at a time
+        self._in_force: LearnedPolicy | None = None  # what ``program`` accepts elements under
+        # bumped when a reconcile is about to change the kernel: what was answered from memory
+        # under an older value must be decided again
+        self.epoch = 0
 
     @property
     def sock(self) -> NftSocket:
@@ -134,61 +171,196 @@ class NftDatapath:
                 adopted.egress_ips.add(keys.parse_address(element.key))
         return adopted
 
-    def reconcile(self, desired: DesiredState) -> ReconcileResult:
-        """Make the control-plane sets equal to ``desired`` in one transaction.
+    def reconcile(
+        self,
+        desired: DesiredState,
+        policy: LearnedPolicy | None = None,
+        committed: Callable[[], None] | None = None,
+    ) -> ReconcileResult:
+        """Make the control-plane sets equal to ``desired``, and every learned element what
+        ``policy`` allows now, in one transaction.
 
-        Learned elements of identities that no longer exist are removed in the same transaction.
-        On failure nothing changes, in the kernel or in the mirror.
+        Learned elements of identities that no longer exist are removed. With ``policy``, every
+        other learned element is re-decided against it by the names it records (``redecide``):
+        kept, narrowed or removed, keeping its remaining lifetime. After the kernel took the
+        change, ``policy`` is the one in force: ``program`` refuses elements offered under any
+        other, and ``committed`` runs before anything can be programmed under the new one.
+
+        A change too large for one transaction goes in as a sequence: first everything that
+        closes (removals of what opens traffic, additions of Deny boxes, revocations), then
+        everything that opens, so every state in between allows no more than the old plan or,
+        after the first half, than the new one. On failure the mirror matches the kernel; a
+        failed sequence leaves no policy in force until a reconcile succeeds.
         """
-        with self._lock:
+        with self._reconcile_lock:
             wanted = desired.static_elements()
-            result = ReconcileResult()
-            removals: list[Change] = []
-            additions: list[Change] = []
-            for name, want in wanted.items():
-                have = self._static.get(name, {})
-                stale = [
-                    e for k, e in have.items() if k not in want or not same_element(e, want[k])
+            closing, opening, result = self._static_changes(wanted)
+            decided = self._redecide(desired, policy) if policy is not None else None
+            with self._lock:
+                learned_closing, learned_opening = self._learned_changes(desired, policy, decided)
+                result.learned_removed = sum(len(c.elements) for c in learned_closing)
+                result.learned_rewritten = sum(len(c.elements) for c in learned_opening)
+                self.epoch += 1  # replies made under the old policy stop being served now
+                phases = [
+                    closing[0] + learned_closing + closing[1],
+                    opening[0] + learned_opening + opening[1],
                 ]
-                fresh = [
-                    e for k, e in want.items() if k not in have or not same_element(have[k], e)
-                ]
-                if stale:
-                    removals.append(Change(Op.DELETE, name, tuple(stale)))
-                    result.removed += len(stale)
-                if fresh:
-                    additions.append(Change(Op.ADD, name, tuple(fresh)))
-                    result.added += len(fresh)
-            gone: dict[str, list[ElementKey]] = {}
-            for name in LEARNED_SETS:
-                orphans = [
-                    (k, e)
-                    for k, (_, e) in self._learned.get(name, {}).items()
-                    if learned_identity(name, e) not in desired.identities
-                ]
-                if orphans:
-                    removals.append(Change(Op.DESTROY, name, tuple(e for _, e in orphans)))
-                    gone[name] = [k for k, _ in orphans]
-                    result.learned_removed += len(orphans)
-            if not removals and not additions:
-                return result
-            self.sock.apply(removals + additions)
-            self._static = {name: dict(want) for name, want in wanted.items()}
-            for name, dropped in gone.items():
-                for key in dropped:
-                    self._learned[name].pop(key, None)
+                if phases[0] or phases[1]:
+                    self._apply(phases)
+                self._in_force = policy
+                if committed is not None:
+                    committed()
             return result
 
-    def program(self, learned: Iterable[Learned], lifetime_s: float) -> int:
+    def _apply(self, phases: list[list[Change]]) -> None:
+        """One transaction if the kernel takes it in one, else the phases in order."""
+        changes = phases[0] + phases[1]
+        try:
+            self.sock.apply(changes)
+        except TransactionTooLarge:
+            log.info(
+                "change of %d elements is larger than one transaction; applying it in steps",
+                sum(len(c.elements) for c in changes),
+            )
+            self._in_force = None  # nothing is programmed on a state half-way between plans
+            self.sock.apply_steps(phases, self._record)
+            return
+        for change in changes:
+            self._record(change)
+
+    def _record(self, change: Change) -> None:
+        """Keep the mirror in step with one change the kernel took."""
+        name = change.set_name
+        if name in LEARNED_SETS:
+            mirror = self._learned.setdefault(name, {})
+            if change.op is not Op.ADD:
+                for element in change.elements:
+                    mirror.pop(element.identity(), None)
+                return
+            now = self._clock()
+            for element in change.elements:
+                expiry = now + (element.timeout_ms or 0) / 1000.0
+                mirror[element.identity()] = (expiry, element)
+                heapq.heappush(
+                    self._expiries, (expiry, next(self._writes), name, element.identity())
+                )
+            return
+        have = self._static.setdefault(name, {})
+        if change.op is Op.ADD:
+            for element in change.elements:
+                have[element.identity()] = element
+        else:
+            for element in change.elements:
+                have.pop(element.identity(), None)
+
+    def _static_changes(
+        self, wanted: dict[str, dict[ElementKey, Element]]
+    ) -> tuple[_Halves, _Halves, ReconcileResult]:
+        """(closing: before, after the learned revocations), (opening: before, after the
+        learned rewrites), and the counts. Reads only the static mirror, which only reconcile
+        writes, so it runs without holding up ``program``."""
+        result = ReconcileResult()
+        removals: list[Change] = []
+        closing_adds: list[Change] = []
+        opening_adds: list[Change] = []
+        late_removals: list[Change] = []
+        for name, want in wanted.items():
+            have = self._static.get(name, {})
+            stale = tuple(
+                e for k, e in have.items() if k not in want or not same_element(e, want[k])
+            )
+            fresh = tuple(
+                e for k, e in want.items() if k not in have or not same_element(have[k], e)
+            )
+            result.removed += len(stale)
+            result.added += len(fresh)
+            if name in CLOSING_SETS:  # a Deny box: adding it closes, removing it opens
+                if fresh:
+                    closing_adds.append(Change(Op.ADD, name, fresh))
+                if stale:
+                    late_removals.append(Change(Op.DELETE, name, stale))
+                continue
+            if stale:
+                removals.append(Change(Op.DELETE, name, stale))
+            if fresh:
+                (opening_adds if name in OPENING_SETS else closing_adds).append(
+                    Change(Op.ADD, name, fresh)
+                )
+        # workload addresses last: an address joins its identity once the identity's rules
+        # are complete
+        opening_adds.sort(key=lambda c: c.set_name.startswith("workloads"))
+        return (removals, closing_adds), (opening_adds, late_removals), result
+
+    def _redecide(
+        self, desired: DesiredState, policy: LearnedPolicy
+    ) -> dict[tuple[str, ElementKey], tuple[tuple[float, Element], Fate]]:
+        """Every learned element's fate under ``policy``, worked out on a copy of the mirror so
+        that ``program`` is not held up; what was written meanwhile is re-decided under the
+        lock by ``_learned_changes``."""
+        with self._lock:
+            entries = [
+                (name, key, entry)
+                for name, mirror in self._learned.items()
+                for key, entry in mirror.items()
+            ]
+        judge = Judge(desired, policy, self._clock())
+        return {(name, key): (entry, judge.fate(name, entry)) for name, key, entry in entries}
+
+    def _learned_changes(
+        self,
+        desired: DesiredState,
+        policy: LearnedPolicy | None,
+        decided: dict[tuple[str, ElementKey], tuple[tuple[float, Element], Fate]] | None,
+    ) -> tuple[list[Change], list[Change]]:
+        """Under the lock: the revocations and rewrites of learned elements."""
+        judge = Judge(desired, policy, self._clock())
+        destroy: dict[str, list[Element]] = {}
+        add: dict[str, dict[ElementKey, Element]] = {}
+        for name, mirror in self._learned.items():
+            for key, entry in mirror.items():
+                found = decided.get((name, key)) if decided is not None else None
+                if found is not None and found[0] is entry:
+                    fate = found[1]
+                else:  # written since the copy was decided (or no copy): decide it now
+                    fate = judge.fate(name, entry)
+                if fate is None:  # kept as it is
+                    continue
+                destroy.setdefault(name, []).append(entry[1])
+                for piece_set, piece in fate:
+                    pieces = add.setdefault(piece_set, {})
+                    other = pieces.get(piece.identity())
+                    if other is None or (other.timeout_ms or 0) < (piece.timeout_ms or 0):
+                        pieces[piece.identity()] = piece
+        for name, pieces in add.items():  # a piece that is already in force stays as it is
+            mirror = self._learned.get(name, {})
+            dropped = {e.identity() for e in destroy.get(name, ())}
+            for key in [k for k in pieces if k in mirror and k not in dropped]:
+                del pieces[key]
+        closing = [Change(Op.DESTROY, n, tuple(elems)) for n, elems in destroy.items()]
+        opening = [Change(Op.ADD, n, tuple(p.values())) for n, p in add.items() if p]
+        return closing, opening
+
+    def program(
+        self,
+        learned: Iterable[Learned],
+        lifetime_s: float,
+        *,
+        name: str | None = None,
+        policy: LearnedPolicy | None = None,
+    ) -> int:
         """Allow each learned destination for at least ``lifetime_s`` seconds from now.
 
-        One transaction; elements whose kernel lifetime already covers it are left alone.
-        Returns the number of elements written (0 when everything was already in force).
+        ``name`` is recorded on each element as a reason it exists; ``policy`` is the policy
+        the caller decided under, refused (``StalePolicy``) unless it is the one in force.
+        One transaction; elements whose kernel lifetime already covers it and that already
+        record ``name`` are left alone. Returns the number of elements written.
         """
         with self._lock:
+            if policy is not None and policy is not self._in_force:
+                raise StalePolicy("the policy changed; decide again under the one in force")
             now = self._clock()
             needed_until = now + lifetime_s
-            timeout_ms = max(1000, int(lifetime_s * 1000) + 999) // 1000 * 1000
+            timeout_ms = whole_seconds_ms(lifetime_s)
             changes: list[Change] = []
             writes: list[tuple[str, ElementKey, Element]] = []
             by_set: dict[str, list[Element]] = {}
@@ -198,31 +370,35 @@ class NftDatapath:
                     # an answer resolved under an older plan: its identity is gone, and its
                     # number may be handed to another workload; programming it would leak
                     raise UnknownIdentity(f"identity {item.identity} is not in the datapath")
-                element = item.element(timeout_ms)
+                element = item.element(timeout_ms, name)
                 by_set.setdefault(item.set_name, []).append(element)
-            for name, elements in by_set.items():
-                mirror = self._learned.setdefault(name, {})
+            for set_name, elements in by_set.items():
+                mirror = self._learned.setdefault(set_name, {})
                 stale: list[Element] = []
                 fresh: list[Element] = []
                 for element in elements:
                     known = mirror.get(element.identity())
-                    if known is not None and known[0] >= needed_until:
-                        continue
                     if known is not None:
+                        comment = with_name(known[1].comment, name) if name else None
+                        if known[0] >= needed_until and comment is None:
+                            continue
+                        if comment is not None:  # a new reason: rewrite, keep the longer life
+                            longer = max(timeout_ms, whole_seconds_ms(known[0] - now))
+                            element = element._replace(comment=comment, timeout_ms=longer)
                         stale.append(element)
                     fresh.append(element)
-                    writes.append((name, element.identity(), element))
+                    writes.append((set_name, element.identity(), element))
                 if stale:
-                    changes.append(Change(Op.DESTROY, name, tuple(stale)))
+                    changes.append(Change(Op.DESTROY, set_name, tuple(stale)))
                 if fresh:
-                    changes.append(Change(Op.ADD, name, tuple(fresh)))
+                    changes.append(Change(Op.ADD, set_name, tuple(fresh)))
             if not changes:
                 return 0
             self.sock.apply(changes)
-            expiry = now + timeout_ms / 1000.0
-            for name, key, element in writes:
-                self._learned[name][key] = (expiry, element)
-                heapq.heappush(self._expiries, (expiry, next(self._writes), name, key))
+            for set_name, key, element in writes:
+                expiry = now + (element.timeout_ms or 0) / 1000.0
+                self._learned[set_name][key] = (expiry, element)
+                heapq.heappush(self._expiries, (expiry, next(self._writes), set_name, key))
             return len(writes)
 
     def revoke(self, learned: Iterable[Learned]) -> int:

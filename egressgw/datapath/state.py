@@ -1,11 +1,18 @@
 """What the datapath should hold, as plain values, and how it maps onto set elements.
 
 In: identities, workload addresses, SNAT targets, CIDR rules as boxes, learned (name-derived)
-destinations. Out: raw ``Element``s per set. Pure: no kernel, no clock.
+destinations. Out: raw ``Element``s per set, and for a learned element already in the kernel what
+it must become under a new policy (``redecide``). Pure: no kernel, no clock.
 
 Interval (pipapo) sets refuse overlapping elements, so CIDR boxes are made disjoint per identity
 before they are encoded (``disjoint``); learned port ranges must be given as disjoint atoms by the
 caller for the same reason.
+
+A learned element remembers the names whose answers opened it: their canonical forms, joined by
+",", are its kernel comment (``names_comment``). Any apply, and the first one after a restart,
+asks the policy in force which port atoms each of those names opens for the element's identity
+now, and keeps, narrows or removes the element accordingly. An element without names (written
+by an older version) is tied to nothing, so it is removed.
 """
 
 from __future__ import annotations
@@ -13,14 +20,25 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from egressgw.datapath import keys
-from egressgw.datapath.netlink import Element
+from egressgw.datapath.netlink import MAX_COMMENT_BYTES, Element
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 ANY_PROTO = (0, 255)
 ANY_PORT = (0, 65535)
+PortAtom = tuple[int | None, int, int]  # (protocol or None for every protocol, first, last port)
+ANY_ATOM: PortAtom = (None, 0, 65535)
+
+
+class LearnedPolicy(Protocol):
+    """The policy in force, as far as learned elements are concerned."""
+
+    def ports_of(self, identity: int, name: str) -> tuple[PortAtom, ...]:
+        """The port atoms an answer for ``name`` opens for ``identity`` now; () for none."""
+        ...
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -110,6 +128,30 @@ class Learned:
     protocol: int | None = None
     ports: tuple[int, int] = ANY_PORT
 
+    @classmethod
+    def of_atom(cls, identity: int, address: IPAddress, atom: PortAtom) -> Learned:
+        proto, first, last = atom
+        return cls(identity, address, proto, (first, last))
+
+    @classmethod
+    def from_element(cls, set_name: str, element: Element) -> Learned:
+        """The learned destination a kernel element of ``set_name`` stands for."""
+        key = element.key
+        width = 4 if set_name.startswith("allow4") else 16
+        address = keys.parse_address(key[4 : 4 + width])
+        if set_name.endswith("_any"):
+            return cls(keys.parse_mark(key), address)
+        proto, port = key[4 + width], int.from_bytes(key[8 + width : 10 + width], "big")
+        if set_name.endswith("_range"):
+            assert element.key_end is not None
+            last = int.from_bytes(element.key_end[8 + width : 10 + width], "big")
+            return cls(keys.parse_mark_be(key), address, proto, (port, last))
+        return cls(keys.parse_mark(key), address, proto, (port, port))
+
+    @property
+    def atom(self) -> PortAtom:
+        return (self.protocol, *self.ports)
+
     @property
     def set_name(self) -> str:
         f = self.address.version
@@ -119,10 +161,12 @@ class Learned:
             return f"allow{f}"
         return f"allow{f}_range"
 
-    def element(self, timeout_ms: int | None = None) -> Element:
+    def element(self, timeout_ms: int | None = None, names: str | None = None) -> Element:
+        """The kernel element; ``names`` (see ``names_comment``) becomes its comment."""
         addr = keys.address(self.address)
         if self.protocol is None:
-            return Element(key=keys.mark(self.identity) + addr, timeout_ms=timeout_ms)
+            key = keys.mark(self.identity) + addr
+            return Element(key=key, timeout_ms=timeout_ms, comment=names)
         if self.ports[0] == self.ports[1]:
             key = (
                 keys.mark(self.identity)
@@ -130,13 +174,59 @@ class Learned:
                 + keys.proto(self.protocol)
                 + keys.port(self.ports[0])
             )
-            return Element(key=key, timeout_ms=timeout_ms)
+            return Element(key=key, timeout_ms=timeout_ms, comment=names)
         ident, proto = keys.mark_be(self.identity), keys.proto(self.protocol)
         return Element(
             key=ident + addr + proto + keys.port(self.ports[0]),
             key_end=ident + addr + proto + keys.port(self.ports[1]),
             timeout_ms=timeout_ms,
+            comment=names,
         )
+
+
+def names_of(comment: str | None) -> tuple[str, ...]:
+    """The names a learned element's comment records."""
+    return tuple(comment.split(",")) if comment else ()
+
+
+def names_comment(names: Iterable[str]) -> str:
+    """Names as a learned element's comment: as many as fit, in the order given.
+
+    A name that does not fit is not recorded; the element then outlives a policy change only
+    through the names that are (it is removed sooner, never kept longer)."""
+    out = ""
+    for name in names:
+        joined = f"{out},{name}" if out else name
+        if len(joined.encode()) <= MAX_COMMENT_BYTES:
+            out = joined
+    return out
+
+
+def with_name(comment: str | None, name: str) -> str | None:
+    """``comment`` with ``name`` added; None when it is already there (nothing to write)."""
+    if comment is not None and (comment == name or name in comment.split(",")):
+        return None
+    return names_comment((*names_of(comment), name))
+
+
+def atoms_overlap(a: PortAtom, b: PortAtom) -> bool:
+    if a[0] is None or b[0] is None:
+        return True
+    return a[0] == b[0] and a[1] <= b[2] and b[1] <= a[2]
+
+
+def redecide(atom: PortAtom, allowed: Iterable[PortAtom]) -> tuple[PortAtom, ...]:
+    """What a learned element of ``atom`` becomes when its names now open ``allowed``: the
+    allowed atoms it overlaps. ``(atom,)`` means it stays as it is; () means it goes.
+
+    An element is never widened beyond one allowed atom it overlaps, which is exactly what a
+    fresh answer for the same names would program now (ports narrowed, a Deny rule's ports
+    carved out, or port ranges cut differently all come out as the new atoms)."""
+    return tuple(sorted({a for a in allowed if atoms_overlap(a, atom)}, key=atom_order))
+
+
+def atom_order(atom: PortAtom) -> tuple[int, int, int]:
+    return (-1 if atom[0] is None else atom[0], atom[1], atom[2])
 
 
 LEARNED_SETS = tuple(f"allow{f}{suffix}" for f in (4, 6) for suffix in ("", "_any", "_range"))
@@ -147,6 +237,59 @@ def learned_identity(set_name: str, element: Element) -> int:
     if set_name.endswith("_range"):
         return keys.parse_mark_be(element.key)
     return keys.parse_mark(element.key)
+
+
+def whole_seconds_ms(lifetime_s: float) -> int:
+    """A kernel timeout of whole seconds, at least one, covering ``lifetime_s``."""
+    return max(1000, int(lifetime_s * 1000) + 999) // 1000 * 1000
+
+
+Fate = tuple[tuple[str, Element], ...] | None  # None: keep; else what replaces it
+KEEP: Fate = None
+REMOVE: Fate = ()
+
+
+class Judge:
+    """Decides learned elements under one policy, remembering per (identity, name) what the
+    policy opens, so a name shared by many elements is asked about once."""
+
+    def __init__(self, desired: DesiredState, policy: LearnedPolicy | None, now: float) -> None:
+        self.identities = desired.identities
+        self.policy = policy
+        self.now = now
+        self._ports: dict[tuple[int, str], tuple[PortAtom, ...]] = {}
+
+    def _ports_of(self, identity: int, name: str) -> tuple[PortAtom, ...]:
+        key = (identity, name)
+        found = self._ports.get(key)
+        if found is None:
+            assert self.policy is not None
+            found = self._ports[key] = self.policy.ports_of(identity, name)
+        return found
+
+    def fate(self, set_name: str, entry: tuple[float, Element]) -> Fate:
+        expiry, element = entry
+        identity = learned_identity(set_name, element)
+        if identity not in self.identities:
+            return REMOVE
+        if self.policy is None:
+            return KEEP
+        learned = Learned.from_element(set_name, element)
+        names = names_of(element.comment)
+        opened = {n: self._ports_of(identity, n) for n in names}
+        pieces = redecide(learned.atom, (a for atoms in opened.values() for a in atoms))
+        if pieces == (learned.atom,):
+            return KEEP
+        remaining_s = expiry - self.now
+        if not pieces or remaining_s <= 0:
+            return REMOVE
+        timeout_ms = whole_seconds_ms(remaining_s)
+        out = []
+        for atom in pieces:
+            piece = Learned.of_atom(identity, learned.address, atom)
+            comment = names_comment(n for n, atoms in opened.items() if atom in atoms)
+            out.append((piece.set_name, piece.element(timeout_ms, comment)))
+        return tuple(out)
 
 
 @dataclass

@@ -9,6 +9,14 @@ a packet it cannot parse gets FORMERR or is dropped.
 
 The datapath call is synchronous: a netlink batch is processed by the kernel inside sendmsg, so
 it is bounded by the socket timeout, which is set to ``program_timeout_s``.
+
+One thread owns this state: the event loop's. A new plan is ``offer``ed from the thread that
+computed it (one reference, taken by the loop at its next query or answer), after the datapath
+made it the policy in force. Everything remembered under an older plan (ready replies, what is
+programmed, name decisions) is dropped as soon as the datapath's ``epoch`` moves, which it does
+before the kernel changes; an answer decided under an older plan is decided again under the new
+one before it is released, and the datapath refuses elements offered under a plan that is not in
+force (``StalePolicy``).
 """
 
 from __future__ import annotations
@@ -23,10 +31,11 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 from egressgw import metrics
+from egressgw.datapath.kernel import StalePolicy
 from egressgw.datapath.keys import parse_address
-from egressgw.datapath.state import Learned
+from egressgw.datapath.state import Learned, LearnedPolicy, PortAtom, atom_order
 from egressgw.dns.cache import Answer, AnswerCache, prepare
-from egressgw.dns.names import NameDecision, NamePolicy, PortAtom
+from egressgw.dns.names import NameDecision, NamePolicy
 from egressgw.dns.upstream import Upstream, UpstreamError
 from egressgw.dns.wire import (
     FORMERR,
@@ -55,7 +64,19 @@ TYPE_NAMES = {1: "A", 28: "AAAA", 5: "CNAME", 15: "MX", 16: "TXT", 33: "SRV", 12
 
 
 class Programmer(Protocol):
-    def program(self, learned: Iterable[Learned], lifetime_s: float) -> int: ...
+    @property
+    def epoch(self) -> int:
+        """Moves before every change of the policy in force reaches the kernel."""
+        ...
+
+    def program(
+        self,
+        learned: Iterable[Learned],
+        lifetime_s: float,
+        *,
+        name: str | None = None,
+        policy: LearnedPolicy | None = None,
+    ) -> int: ...
 
     def revoke(self, learned: Iterable[Learned]) -> int: ...
 
@@ -136,6 +157,7 @@ class Deferred(NamedTuple):
     udp: bool
     label: str
     source: Source
+    names: NamePolicy  # the plan it was decided under
 
 
 class _Budget:
@@ -170,7 +192,7 @@ class _Budget:
             elif old[0] >= until and set(atoms) <= set(old[1]):
                 continue
             else:
-                merged = tuple(sorted(set(atoms) | set(old[1]), key=_atom_order))
+                merged = tuple(sorted(set(atoms) | set(old[1]), key=atom_order))
                 known[key] = (max(until, old[0]), merged)
             heapq.heappush(heap, (known[key][0], key))
         evicted: list[Learned] = []
@@ -192,9 +214,12 @@ class _Budget:
             heapq.heapify(heap)
         return evicted
 
-
-def _atom_order(atom: PortAtom) -> tuple[int, int, int]:
-    return (-1 if atom[0] is None else atom[0], atom[1], atom[2])
+    def retain(self, identities: Iterable[int]) -> None:
+        """Forget identities that no longer exist."""
+        keep = set(identities)
+        for gone in [i for i in self.known if i not in keep]:
+            del self.known[gone]
+            self.heaps.pop(gone, None)
 
 
 def _learned(
@@ -245,6 +270,8 @@ class Interceptor:
         self.datapath = datapath
         self.clock = clock
         self.view = PolicyView()
+        self._offered = self.view  # written by the applying thread, taken by the loop
+        self._epoch = datapath.epoch  # the datapath's epoch the memories below belong to
         self.cache = AnswerCache(settings.cache_size)
         self._budget = _Budget()
         self._limiter = _RateLimiter(settings.rate_per_source_qps, settings.burst_per_source)
@@ -277,10 +304,31 @@ class Interceptor:
             child = self._counters[(verdict, reason)] = metrics.DNS_QUERIES.labels(verdict, reason)
         child.inc(n)
 
+    def offer(self, view: PolicyView) -> None:
+        """Hand a new plan over from another thread; the loop takes it at its next query."""
+        self._offered = view
+
     def update(self, view: PolicyView) -> None:
-        self.view = view
-        self._programmed.clear()  # identities may have been renumbered or removed
+        """Take a new plan now (on the loop's thread)."""
+        self._offered = view
+        self._sync()
+
+    def _sync(self) -> None:
+        """Drop what was remembered under an older plan or epoch; take an offered plan."""
+        epoch = self.datapath.epoch
+        offered = self._offered
+        if epoch == self._epoch and offered is self.view:
+            return
+        self._epoch = epoch
+        self._programmed.clear()
         self._replies.clear()
+        if offered is not self.view:
+            self.view = offered
+            identities = offered.names.identities
+            self._budget.retain(identities)  # identities may have been renumbered or removed
+            for memo in (self._evictions, self._cap_logged):
+                for gone in [i for i in memo if i not in identities]:
+                    del memo[gone]
 
     def flush_counts(self) -> None:
         """Add the replies given by ``ready`` to the metrics (the server calls this after each
@@ -308,6 +356,8 @@ class Interceptor:
         """For a UDP query (``rest``: its bytes after the 2-byte ID) that this source asked
         within the second: the reply after its ID; ``DROP`` when the rate limit drops it; None
         when it must go through ``answer_now``. This is the whole cost of a repeated query."""
+        if self.datapath.epoch != self._epoch or self._offered is not self.view:
+            self._sync()
         entry = self._replies.get((source, rest))
         if entry is None:
             return None
@@ -364,6 +414,7 @@ class Interceptor:
         if not self._limiter.allow(source, self.clock()):
             self._count("dropped", "rate limited")
             return None
+        self._sync()
         try:
             question = parse_question(query)
         except WireError as exc:
@@ -375,20 +426,9 @@ class Interceptor:
                 return None
         if question.flags & OPCODE_MASK:
             return self._local(query, question, NOTIMP, "notimp", "opcode not supported")
-        workload = self.view.workloads.lookup(source)
-        if workload is None:
-            self._log(None, source, question, "refused", "source is not a known workload", None)
-            return self._local(query, question, REFUSED, "refused", "unknown source")
-        if self._is_passthrough(question.name):
-            deferred = Deferred(query, question, workload, None, udp, "passthrough", source)
-        else:
-            verdict = self.view.names.decide(workload.identity, question.name)
-            if not verdict.allowed:
-                self._log(workload, source, question, "deny", verdict.decision.reason, verdict)
-                rcode = self.settings.deny_rcode
-                return self._local(query, question, rcode, "deny", "denied by policy")
-            label = "audit" if verdict.decision.verdict is Verdict.AUDIT else "allow"
-            deferred = Deferred(query, question, workload, verdict, udp, label, source)
+        deferred = self._decide(query, question, source, udp)
+        if not isinstance(deferred, Deferred):
+            return deferred
         now = self.clock()
         answer = self.cache.get(question.cache_key, now)
         if answer is None:
@@ -396,6 +436,25 @@ class Interceptor:
             return deferred
         self._cache_hit.inc()
         return self._release(deferred, answer, now)
+
+    def _decide(
+        self, query: bytes, question: Question, source: Source, udp: bool
+    ) -> bytes | Deferred:
+        """Who asks and whether the plan in force lets it resolve the name."""
+        view = self.view
+        workload = view.workloads.lookup(source)
+        if workload is None:
+            self._log(None, source, question, "refused", "source is not a known workload", None)
+            return self._local(query, question, REFUSED, "refused", "unknown source")
+        if self._is_passthrough(question.name):
+            return Deferred(query, question, workload, None, udp, "passthrough", source, view.names)
+        verdict = view.names.decide(workload.identity, question.name)
+        if not verdict.allowed:
+            self._log(workload, source, question, "deny", verdict.decision.reason, verdict)
+            rcode = self.settings.deny_rcode
+            return self._local(query, question, rcode, "deny", "denied by policy")
+        label = "audit" if verdict.decision.verdict is Verdict.AUDIT else "allow"
+        return Deferred(query, question, workload, verdict, udp, label, source, view.names)
 
     # -- helpers --------------------------------------------------------------------------
     def _local(
@@ -446,23 +505,27 @@ class Interceptor:
         return self._release(d, answer, now)
 
     def _release(self, d: Deferred, answer: Answer, now: float) -> bytes:
-        """Program the answer's addresses for the asking identity, then hand out the answer."""
+        """Program the answer's addresses for the asking identity, then hand out the answer.
+
+        Decided under an older plan (the answer took a while, or the plan changed meanwhile),
+        the query is decided again under the plan in force first."""
+        for _attempt in range(2):
+            self._sync()
+            if d.names is not self.view.names:
+                again = self._decide(d.query, d.question, d.source, d.udp)
+                if not isinstance(again, Deferred):
+                    return again
+                d = again
+            try:
+                if self._programmed_for(d, answer, now):
+                    break
+            except StalePolicy:
+                continue  # the plan changed while programming: decide again under the new one
+            return self._local(d.query, d.question, SERVFAIL, "servfail", "programming failed")
+        else:
+            return self._local(d.query, d.question, SERVFAIL, "servfail", "policy changed")
         question = d.question
         wire = answer.served(question, d.query, now)
-        if d.verdict is not None and d.verdict.ports and answer.addresses:
-            key = (d.workload.identity, question.cache_key, answer.stored_at)
-            # However late this answer is served, the TTL released with it ends no later than
-            # stored_at + address_ttl + 1 (TTLs count down in whole seconds): one horizon per
-            # answer, so repeated hits do not rewrite elements as the remaining TTL ticks down.
-            needed = answer.stored_at + answer.address_ttl + 1 + self.settings.grace_s
-            if self._programmed.get(key, 0.0) < needed:
-                if not self._program(d.workload, answer, d.verdict.ports, needed - now):
-                    return self._local(
-                        d.query, question, SERVFAIL, "servfail", "programming failed"
-                    )
-                if len(self._programmed) > 4 * self.settings.cache_size:
-                    self._programmed.clear()
-                self._programmed[key] = needed
         if d.verdict is not None:
             reason = d.verdict.decision.reason
             self._log(d.workload, None, question, d.label, reason, d.verdict, answer)
@@ -481,13 +544,33 @@ class Interceptor:
             self._replies[(d.source, d.query[2:])] = (until, wire[2:], label, identity, evictions)
         return wire
 
+    def _programmed_for(self, d: Deferred, answer: Answer, now: float) -> bool:
+        """Whether the answer's addresses are in force for the asking identity (programming
+        them if need be); False if that failed. Raises ``StalePolicy``."""
+        if d.verdict is None or not d.verdict.ports or not answer.addresses:
+            return True
+        key = (d.workload.identity, d.question.cache_key, answer.stored_at)
+        # However late this answer is served, the TTL released with it ends no later than
+        # stored_at + address_ttl + 1 (TTLs count down in whole seconds): one horizon per
+        # answer, so repeated hits do not rewrite elements as the remaining TTL ticks down.
+        needed = answer.stored_at + answer.address_ttl + 1 + self.settings.grace_s
+        if self._programmed.get(key, 0.0) >= needed:
+            return True
+        if not self._program(d, answer, d.verdict.ports, needed - now):
+            return False
+        if len(self._programmed) > 4 * self.settings.cache_size:
+            self._programmed.clear()
+        self._programmed[key] = needed
+        return True
+
     def _program(
         self,
-        workload: Workload,
+        d: Deferred,
         answer: Answer,
         atoms: tuple[PortAtom, ...],
         lifetime: float,
     ) -> bool:
+        workload = d.workload
         now = self.clock()
         learned = _learned(workload.identity, answer.addresses, atoms)
         evicted = self._budget.admit(
@@ -515,7 +598,9 @@ class Interceptor:
                         workload.pod,
                         self.settings.max_addresses_per_identity,
                     )
-            written = self.datapath.program(learned, lifetime)
+            written = self.datapath.program(learned, lifetime, name=d.question.name, policy=d.names)
+        except StalePolicy:
+            raise
         except Exception as exc:
             metrics.DNS_PROGRAM_FAILURES.inc()
             log.error("dns: programming %d elements failed: %s", len(learned), exc)

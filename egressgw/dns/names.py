@@ -11,6 +11,11 @@ a name nobody asked for before costs its canonical form and a lookup of its matc
 
 Port ranges are split into atoms on every range boundary of the identity's rules, so two
 programmed ranges of one identity are either equal or disjoint: interval sets refuse overlaps.
+A Deny rule that names a name with ports carves those ports out of what its Allow rules open
+(an Allow rule without ports then opens every port of TCP, UDP and SCTP but those), so the
+kernel never accepts what the Deny rule names.
+
+``ports_of`` is what the datapath asks when it re-decides learned elements under a new plan.
 """
 
 from __future__ import annotations
@@ -19,13 +24,15 @@ import itertools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from egressgw.datapath.state import ANY_ATOM, PortAtom, atom_order
 from egressgw.policy.decide import Decision, Verdict, decide_name, deciding_policies, name_matches
 from egressgw.policy.fqdn import FqdnMatcher, InvalidName, InvalidPattern, canonical_name
-from egressgw.policy.model import Action, EgressPolicy, PortSpec
+from egressgw.policy.model import Action, EgressPolicy, PortSpec, Protocol
 from egressgw.policy.select import WorkloadSelection
 
-PortAtom = tuple[int | None, int, int]  # (protocol or None for every protocol, first, last)
-ANY: PortAtom = (None, 0, 65535)
+ANY = ANY_ATOM
+# what "every port" becomes once a Deny rule carves ports out of it
+_EVERY_PORT_OF_EACH = tuple((p.number, 0, 65535) for p in Protocol)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,14 +53,13 @@ def _spec_atoms(specs: Iterable[PortSpec]) -> list[PortAtom]:
 
 
 def _boundaries(policies: Iterable[EgressPolicy]) -> dict[int | None, set[int]]:
-    """Where the identity's port ranges start and end, per protocol."""
+    """Where the identity's port ranges start and end, per protocol (a Deny rule's single
+    ports too: an allowed range is cut around them)."""
     cuts: dict[int | None, set[int]] = {}
     for policy in policies:
         for rule in policy.egress:
-            if rule.action is not Action.ALLOW:
-                continue
             for proto, lo, hi in _spec_atoms(rule.ports):
-                if lo != hi:
+                if lo != hi or rule.action is Action.DENY:
                     cuts.setdefault(proto, set()).update((lo, hi + 1))
     return cuts
 
@@ -66,7 +72,11 @@ def atomize(atoms: Iterable[PortAtom], cuts: Mapping[int | None, set[int]]) -> t
             continue
         edges = sorted({lo, hi + 1} | {c for c in cuts.get(proto, ()) if lo < c <= hi})
         out.update((proto, a, b - 1) for a, b in itertools.pairwise(edges))
-    return tuple(sorted(out, key=lambda a: (a[0] if a[0] is not None else -1, a[1], a[2])))
+    return tuple(sorted(out, key=atom_order))
+
+
+def _within(atom: PortAtom, deny: PortAtom) -> bool:
+    return atom[0] == deny[0] and deny[1] <= atom[1] and atom[2] <= deny[2]
 
 
 class _Peers:
@@ -104,6 +114,14 @@ class NamePolicy:
         self._decisions: dict[NameDecision, NameDecision] = {}
         self._peers: dict[int, _Peers | None] = {}  # None: some pattern does not compile
         self._by_peers: dict[tuple[int, str | None, frozenset[str]], NameDecision] = {}
+
+    @property
+    def identities(self) -> Mapping[int, WorkloadSelection]:
+        return self._identities
+
+    def ports_of(self, identity: int, name: str) -> tuple[PortAtom, ...]:
+        """The port atoms an answer for ``name`` opens for ``identity`` under this plan."""
+        return self.decide(identity, name).ports
 
     def decide(self, identity: int, name: str) -> NameDecision:
         key = (identity, name)
@@ -152,10 +170,17 @@ class NamePolicy:
             return NameDecision(decision)
         policies, _ = deciding_policies(selection.policies)
         atoms: list[PortAtom] = []
+        denied: list[PortAtom] = []
         for policy in policies:
             for rule in policy.egress:
-                if rule.action is Action.ALLOW and any(name_matches(p, canonical) for p in rule.to):
-                    atoms.extend(_spec_atoms(rule.ports))
+                if any(name_matches(p, canonical) for p in rule.to):
+                    found = _spec_atoms(rule.ports)
+                    (atoms if rule.action is Action.ALLOW else denied).extend(found)
         if any(a == ANY for a in atoms):
-            return NameDecision(decision, (ANY,))
-        return NameDecision(decision, atomize(atoms, self._cuts.get(identity, {})))
+            if not denied:
+                return NameDecision(decision, (ANY,))
+            atoms = list(_EVERY_PORT_OF_EACH)
+        opened = atomize(atoms, self._cuts.get(identity, {}))
+        return NameDecision(
+            decision, tuple(a for a in opened if not any(_within(a, d) for d in denied))
+        )

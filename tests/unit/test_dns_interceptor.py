@@ -13,7 +13,7 @@ from prometheus_client import REGISTRY
 
 from egressgw.datapath.fake import FakeDatapath
 from egressgw.dns.fake_upstream import FakeUpstream
-from egressgw.dns.interceptor import DnsSettings, Interceptor, PolicyView
+from egressgw.dns.interceptor import Deferred, DnsSettings, Interceptor, PolicyView
 from egressgw.dns.names import NamePolicy
 from egressgw.dns.upstream import Upstream
 from egressgw.dns.wire import REFUSED
@@ -450,3 +450,66 @@ def test_a_workload_at_its_cap_invalidates_only_its_own_repeated_answers() -> No
     assert addresses(env.ask("db.lab.example")) == ["203.0.113.10"]
     assert env.datapath.allowed(env.identity(API)) == {"203.0.113.10"}
     assert env.interceptor.ready(str(ETL), shared[2:]) is not None
+
+
+def _view(*policies: EgressPolicy) -> PolicyView:
+    plan = build(snapshot(*policies), IdentityRegistry())
+    return PolicyView(plan.workloads, NamePolicy(plan.selections))
+
+
+def test_a_plan_offered_from_another_thread_is_taken_before_a_ready_reply() -> None:
+    env = Env()
+    query = Env.query("db.lab.example")
+    env.ask("db.lab.example")
+    assert env.interceptor.ready(str(API), query[2:]) is not None  # memoised under the old plan
+    narrower = _view(policy("payments", "api", Peer(fqdn="web.lab.example")))
+    env.datapath.commit(narrower.names)  # the kernel now enforces the narrower plan ...
+    env.interceptor.offer(narrower)  # ... and the applying thread hands it over
+    assert env.interceptor.ready(str(API), query[2:]) is None
+    assert env.ask("db.lab.example").header.rcode == RCODE.NXDOMAIN
+
+
+def test_no_ready_reply_is_served_once_the_datapath_moved_to_a_new_epoch() -> None:
+    # between the kernel change and the hand-over, what was memoised is not served either
+    env = Env()
+    query = Env.query("db.lab.example")
+    env.ask("db.lab.example")
+    assert env.interceptor.ready(str(API), query[2:]) is not None
+    env.datapath.epoch += 1
+    assert env.interceptor.ready(str(API), query[2:]) is None
+
+
+def test_an_answer_decided_under_an_old_plan_is_decided_again_before_release() -> None:
+    env = Env()
+    old = env.interceptor.view.names
+    env.datapath.in_force = old
+    deferred = env.interceptor.answer_now(Env.query("db.lab.example"), str(API))
+    assert isinstance(deferred, Deferred)  # asked upstream under the old plan ...
+    narrower = _view(policy("payments", "api", Peer(fqdn="web.lab.example")))
+    env.datapath.commit(narrower.names)  # ... which changes while the upstream answers
+    env.interceptor.offer(narrower)
+    raw = asyncio.run(env.interceptor.resolve(deferred))
+    assert raw is not None and DNSRecord.parse(raw).header.rcode == RCODE.NXDOMAIN
+    assert env.datapath.learned == {}
+
+
+def test_programming_under_a_plan_that_is_no_longer_in_force_is_refused() -> None:
+    env = Env()
+    env.datapath.in_force = env.interceptor.view.names
+    deferred = env.interceptor.answer_now(Env.query("db.lab.example"), str(API))
+    assert isinstance(deferred, Deferred)
+    # the kernel moved on, and the new plan has not been offered yet: nothing is programmed
+    env.datapath.commit(_view(*DEFAULT_POLICIES).names)
+    raw = asyncio.run(env.interceptor.resolve(deferred))
+    assert raw is not None and DNSRecord.parse(raw).header.rcode == RCODE.SERVFAIL
+    assert env.datapath.learned == {}
+
+
+def test_each_learned_element_records_the_name_that_opened_it() -> None:
+    env = Env()
+    env.ask("alias.lab.example")
+    env.ask("db.lab.example")
+    assert {str(k.address): v for k, v in env.datapath.names.items()} == {
+        "203.0.113.20": {"alias.lab.example"},
+        "203.0.113.10": {"db.lab.example"},
+    }

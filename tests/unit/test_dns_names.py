@@ -107,3 +107,26 @@ def test_invalid_names_are_denied_with_the_name_in_the_reason() -> None:
     got = names.decide(1, "db.example.com\n")
     assert got.decision.verdict is Verdict.DENY
     assert 'label "com\\n" has invalid characters "\\n"' in got.decision.reason
+
+
+def test_a_deny_rule_carves_its_ports_out_of_what_an_allowed_name_opens() -> None:
+    name = Peer(fqdn="db.lab.example")
+    policies = (
+        _policy(
+            "db",
+            EgressRule(to=(name,)),  # every port
+            EgressRule(to=(name,), ports=(PortSpec(TCP, 8000, 8100),)),
+            EgressRule(action=Action.DENY, to=(name,), ports=(PortSpec(TCP, 22),)),
+            EgressRule(action=Action.DENY, to=(name,), ports=(PortSpec(Protocol.UDP),)),
+        ),
+    )
+    selection = WorkloadSelection(_pod(0), GATEWAY, policies)
+    decision = NamePolicy({1: selection}).decide(1, "db.lab.example")
+    assert decision.decision.verdict is Verdict.ALLOW
+    assert decision.ports == (
+        (6, 0, 21),
+        (6, 23, 7999),
+        (6, 8000, 8100),
+        (6, 8101, 65535),
+        (132, 0, 65535),
+    )
