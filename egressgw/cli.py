@@ -74,6 +74,7 @@ def _run(args: argparse.Namespace) -> int:
         dns=dns,
         netns=args.netns,
         node_name=args.node_name or "",
+        netlink_buffer_bytes=args.netlink_buffer_bytes,
     )
     if args.kubernetes:
         return _run_kubernetes(args, settings)
@@ -192,6 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve /healthz, /readyz and /metrics",
     )
     run.add_argument("--table", default="egressgw", help="nftables table name (inet family)")
+    run.add_argument(
+        "--netlink-buffer-bytes",
+        type=positive_int,
+        default=32 * 1024 * 1024,
+        metavar="BYTES",
+        help="socket buffer asked for the nftables netlink socket (the kernel doubles it); a "
+        "change larger than one buffer is applied in steps that never open before they close "
+        "(default: 32 MiB)",
+    )
     dns = run.add_argument_group("DNS interceptor")
     dns.add_argument(
         "--dns-listen",

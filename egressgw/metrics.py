@@ -44,6 +44,9 @@ RECONCILE_SECONDS = Histogram(
 RECONCILE_ERRORS = Counter(
     "egressgw_reconcile_errors_total", "Reconciles the kernel or the system refused"
 )
+APPLY_RETRIES = Counter(
+    "egressgw_apply_retries_total", "Failed applies of the desired state tried again"
+)
 LEARNED_REVOKED = Counter(
     "egressgw_learned_revoked_total",
     "Learned elements removed or narrowed because the plan in force no longer allows them",

@@ -40,6 +40,8 @@ from egressgw.web import Health, NotReady, Operator, make_app, serve
 log = logging.getLogger("egressgw")
 HOUSEKEEPING_INTERVAL_S = 5.0
 COLLECT_INTERVAL_S = 1.0
+RETRY_FIRST_S = 1.0  # a failed apply is tried again after this, doubling up to RETRY_MAX_S
+RETRY_MAX_S = 30.0
 
 
 class Source(Protocol):
@@ -93,6 +95,7 @@ class Settings:
     dns: DnsSettings = field(default_factory=DnsSettings)
     netns: str | None = None  # tests: run the datapath inside this namespace
     node_name: str = ""  # how reports and metrics name this node; empty: the host name
+    netlink_buffer_bytes: int = 32 * 1024 * 1024  # asked for the nftables socket, per direction
 
 
 class Daemon:
@@ -104,7 +107,12 @@ class Daemon:
         status: StatusSink | None = None,
     ) -> None:
         self.settings = settings
-        self.datapath = NftDatapath(settings.table, settings.uplink, netns=settings.netns)
+        self.datapath = NftDatapath(
+            settings.table,
+            settings.uplink,
+            netns=settings.netns,
+            buffer_bytes=settings.netlink_buffer_bytes,
+        )
         if source is None:
             if settings.manifests is None:
                 raise ValueError("a source is needed: --manifests DIR or --kubernetes")
@@ -119,6 +127,7 @@ class Daemon:
         self.held: set[IPAddress] = set()
         self.adopted = False
         self.applied_once = False
+        self.apply_failure: str | None = None  # why the latest desired state is not in force
         self.last_plan: Plan | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -137,6 +146,8 @@ class Daemon:
     def not_ready_reason(self) -> str | None:
         if not self.adopted:
             return "datapath not adopted yet"
+        if self.apply_failure is not None:
+            return self.apply_failure
         if not self.source.synced.is_set() or not self.applied_once:
             detail = getattr(self.source, "not_ready_reason", None)  # e.g. which kinds are unlisted
             return (detail() if callable(detail) else None) or "desired state not loaded yet"
@@ -305,13 +316,41 @@ class Daemon:
         return plan
 
     async def _follow_source(self) -> None:
-        async for snapshot in self.source.snapshots():
-            try:
-                await asyncio.to_thread(self.apply, snapshot)
-                self.applied_once = True
-            except Exception:
-                metrics.RECONCILE_ERRORS.inc()
-                log.exception("could not apply the new state; the previous one stays in force")
+        """Apply each snapshot; a failed apply is tried again with backoff until it succeeds
+        or a newer snapshot replaces it."""
+        snapshots = aiter(self.source.snapshots())
+        pending: asyncio.Task[Snapshot] | None = None
+        try:
+            snapshot = await anext(snapshots)
+            while True:
+                delay = RETRY_FIRST_S
+                while not await self._try_apply(snapshot):
+                    if pending is None:
+                        pending = asyncio.ensure_future(anext(snapshots))
+                    done, _ = await asyncio.wait({pending}, timeout=delay)
+                    if done:
+                        break  # a newer snapshot replaces the one that failed
+                    metrics.APPLY_RETRIES.inc()
+                    delay = min(delay * 2, RETRY_MAX_S)
+                if pending is not None:
+                    snapshot, pending = await pending, None
+                else:
+                    snapshot = await anext(snapshots)
+        finally:
+            if pending is not None:
+                pending.cancel()
+
+    async def _try_apply(self, snapshot: Snapshot) -> bool:
+        try:
+            await asyncio.to_thread(self.apply, snapshot)
+        except Exception as exc:
+            metrics.RECONCILE_ERRORS.inc()
+            self.apply_failure = f"the desired state could not be applied ({exc}); retrying"
+            log.exception("could not apply the new state; retrying with backoff")
+            return False
+        self.apply_failure = None
+        self.applied_once = True
+        return True
 
     async def _follow_ownership(self) -> None:
         loop = asyncio.get_running_loop()

@@ -111,8 +111,10 @@ class NftDatapath:
         uplink: str,
         netns: str | None = None,
         clock: Clock = time.monotonic,
+        buffer_bytes: int = 32 * 1024 * 1024,
     ) -> None:
         self.table = table
+        self.buffer_bytes = buffer_bytes
         self.uplink = uplink
         self.netns = netns
         self._clock = clock
@@ -148,7 +150,7 @@ class NftDatapath:
         """Load the skeleton (keeping existing elements) and read back what is in force."""
         skeleton.load(self.table, self.uplink, self.netns)
         if self._sock is None:
-            self._sock = call_in(self.netns, lambda: NftSocket(self.table))
+            self._sock = call_in(self.netns, lambda: NftSocket(self.table, self.buffer_bytes))
         now = self._clock()
         adopted = Adopted()
         self._static = {}

@@ -10,7 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -52,16 +52,43 @@ spec:
 
 
 class Daemon:
-    def __init__(self, topo: Topology, manifests: Path, log: Path) -> None:
+    def __init__(
+        self, topo: Topology, manifests: Path, log: Path, extra: Sequence[str] = ()
+    ) -> None:
         self.topo, self.manifests, self.log_path = topo, manifests, log
+        self.extra = list(extra)
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def start(self, timeout: float = 15) -> float:
+        """Start it; returns the seconds until /readyz said 200."""
         argv = ["ip", "netns", "exec", self.topo.gateway, sys.executable, "-m", "egressgw", "run"]
         argv += ["--manifests", str(self.manifests), "--uplink", "up0", "--http-listen", HTTP]
+        argv += self.extra
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-        wait_for(lambda: self.ready(), "the daemon to be ready", timeout=15)
+        return wait_for(lambda: self.ready(), "the daemon to be ready", timeout=timeout)
+
+    def readyz(self) -> tuple[int, str]:
+        """/readyz's status and body, asked from inside the gateway namespace."""
+
+        def ask() -> tuple[int, str]:
+            try:
+                with urllib.request.urlopen(f"http://{HTTP}/readyz", timeout=2) as reply:
+                    return int(reply.status), reply.read().decode()
+            except urllib.error.HTTPError as error:
+                return int(error.code), error.read().decode()
+
+        return call_in(self.topo.gateway, ask)
+
+    def metric(self, name: str) -> float:
+        def ask() -> str:
+            with urllib.request.urlopen(f"http://{HTTP}/metrics", timeout=5) as reply:
+                return str(reply.read().decode())
+
+        for line in call_in(self.topo.gateway, ask).splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise AssertionError(f"no metric {name}")
 
     def ready(self) -> bool:
         assert self.proc is not None
