@@ -54,6 +54,8 @@ LEARNED_REVOKED = Counter(
 DATAPATH_CHANGES = Counter(
     "egressgw_datapath_elements_changed_total", "Set elements written or removed", ["operation"]
 )
+for _operation in ("add", "remove"):  # known label values start at 0, not at "no data"
+    DATAPATH_CHANGES.labels(_operation)
 WORKLOADS = Gauge("egressgw_workloads", "Workload addresses leaving through this gateway")
 IDENTITIES = Gauge("egressgw_identities", "Workload identities known to the datapath")
 EGRESS_IPS_HELD = Gauge("egressgw_egress_ips_held", "Egress IPs this node holds on its uplink")

@@ -60,6 +60,20 @@ Clock = Callable[[], float]
 CAP_LOG_INTERVAL_S = 60.0
 DROP = b""  # ``ready``'s answer for a query that gets no reply
 READY_LABELS = ("allow", "passthrough")  # the verdicts ``ready`` may repeat (audit logs each)
+# every (verdict, reason) a query can be counted under: each series exists, at 0, from the start
+OUTCOMES = (
+    *((label, "resolved") for label in (*READY_LABELS, "audit")),
+    ("deny", "denied by policy"),
+    ("refused", "unknown source"),
+    ("servfail", "upstream failed"),
+    ("servfail", "bad upstream answer"),
+    ("servfail", "programming failed"),
+    ("servfail", "policy changed"),
+    ("formerr", "malformed query"),
+    ("notimp", "opcode not supported"),
+    ("dropped", "rate limited"),
+    ("error", "internal error"),
+)
 TYPE_NAMES = {1: "A", 28: "AAAA", 5: "CNAME", 15: "MX", 16: "TXT", 33: "SRV", 12: "PTR", 6: "SOA"}
 
 
@@ -297,6 +311,8 @@ class Interceptor:
         self._counters: dict[tuple[str, str], metrics.CounterChild] = {}
         self._cache_hit = metrics.DNS_CACHE.labels("hit")
         self._cache_miss = metrics.DNS_CACHE.labels("miss")
+        for verdict, reason in OUTCOMES:
+            self._count(verdict, reason, 0)
 
     def _count(self, verdict: str, reason: str, n: int = 1) -> None:
         child = self._counters.get((verdict, reason))

@@ -117,6 +117,7 @@ class _Server:
 
     def __post_init__(self) -> None:
         self.seconds = metrics.DNS_UPSTREAM_SECONDS.labels(self.label)  # looked up once
+        self.errors = metrics.DNS_UPSTREAM_ERRORS.labels(self.label)  # and shows 0 from the start
 
     def open(self, loop: asyncio.AbstractEventLoop) -> None:
         family = socket.AF_INET6 if ":" in self.address[0] else socket.AF_INET
@@ -285,7 +286,7 @@ class Upstream:
     @staticmethod
     def _failed(server: _Server, exc: Exception, errors: list[str]) -> None:
         server.down_until = time.monotonic() + DEMOTE_S
-        metrics.DNS_UPSTREAM_ERRORS.labels(server.label).inc()
+        server.errors.inc()
         errors.append(f"{server.label}: {exc or type(exc).__name__}")
 
     def ask(self, question: Question, query: bytes, done: Done) -> None:

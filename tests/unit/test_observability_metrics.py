@@ -178,3 +178,22 @@ def test_json_formatter_keeps_tracebacks_on_one_line() -> None:
     line = JsonFormatter().format(record)
     assert "\n" not in line
     assert "ValueError: boom" in json.loads(line)["exception"]
+
+
+def test_series_whose_labels_are_known_are_exported_at_zero_from_the_start() -> None:
+    # A dashboard panel on a healthy gateway shows 0, not "No data".
+    from egressgw.dns.interceptor import OUTCOMES
+    from egressgw.dns.upstream import Upstream
+
+    Upstream([("192.0.2.53", 53), ("2001:db8::53", 5353)], timeout_s=1.0)
+    Env()
+    exposition = generate_latest(REGISTRY).decode()
+    for upstream in ("192.0.2.53:53", "[2001:db8::53]:5353"):
+        assert f'egressgw_dns_upstream_errors_total{{upstream="{upstream}"}}' in exposition
+    for verdict, reason in OUTCOMES:
+        assert f'egressgw_dns_queries_total{{reason="{reason}",verdict="{verdict}"}}' in exposition
+    for operation in ("add", "remove"):
+        line = f'egressgw_datapath_elements_changed_total{{operation="{operation}"}}'
+        assert line in exposition
+    for unlabelled in ("egressgw_apply_retries_total", "egressgw_learned_revoked_total"):
+        assert f"\n{unlabelled} " in exposition
