@@ -305,7 +305,7 @@ class NftDatapath:
                 for name, mirror in self._learned.items()
                 for key, entry in mirror.items()
             ]
-        judge = Judge(desired, policy, self._clock())
+        judge = Judge(desired, policy, self._clock(), self._in_force)
         return {(name, key): (entry, judge.fate(name, entry)) for name, key, entry in entries}
 
     def _learned_changes(
@@ -315,7 +315,7 @@ class NftDatapath:
         decided: dict[tuple[str, ElementKey], tuple[tuple[float, Element], Fate]] | None,
     ) -> tuple[list[Change], list[Change]]:
         """Under the lock: the revocations and rewrites of learned elements."""
-        judge = Judge(desired, policy, self._clock())
+        judge = Judge(desired, policy, self._clock(), self._in_force)
         destroy: dict[str, list[Element]] = {}
         add: dict[str, dict[ElementKey, Element]] = {}
         for name, mirror in self._learned.items():
@@ -364,7 +364,6 @@ class NftDatapath:
             needed_until = now + lifetime_s
             timeout_ms = whole_seconds_ms(lifetime_s)
             changes: list[Change] = []
-            writes: list[tuple[str, ElementKey, Element]] = []
             by_set: dict[str, list[Element]] = {}
             held_identities = self._static.get("identities", {})
             for item in learned:
@@ -381,15 +380,17 @@ class NftDatapath:
                 for element in elements:
                     known = mirror.get(element.identity())
                     if known is not None:
-                        comment = with_name(known[1].comment, name) if name else None
-                        if known[0] >= needed_until and comment is None:
+                        added = with_name(known[1].comment, name) if name else None
+                        if known[0] >= needed_until and added is None:
                             continue
-                        if comment is not None:  # a new reason: rewrite, keep the longer life
-                            longer = max(timeout_ms, whole_seconds_ms(known[0] - now))
-                            element = element._replace(comment=comment, timeout_ms=longer)
+                        # rewritten: a refresh or a new reason; every name it had stays, and
+                        # so does a longer life it had
+                        element = element._replace(
+                            comment=known[1].comment if added is None else added,
+                            timeout_ms=max(timeout_ms, whole_seconds_ms(known[0] - now)),
+                        )
                         stale.append(element)
                     fresh.append(element)
-                    writes.append((set_name, element.identity(), element))
                 if stale:
                     changes.append(Change(Op.DESTROY, set_name, tuple(stale)))
                 if fresh:
@@ -397,11 +398,9 @@ class NftDatapath:
             if not changes:
                 return 0
             self.sock.apply(changes)
-            for set_name, key, element in writes:
-                expiry = now + (element.timeout_ms or 0) / 1000.0
-                self._learned[set_name][key] = (expiry, element)
-                heapq.heappush(self._expiries, (expiry, next(self._writes), set_name, key))
-            return len(writes)
+            for change in changes:
+                self._record(change)
+            return sum(len(c.elements) for c in changes if c.op is Op.ADD)
 
     def revoke(self, learned: Iterable[Learned]) -> int:
         """Remove learned destinations now (cap evictions); one transaction."""
@@ -413,9 +412,8 @@ class NftDatapath:
             if not changes:
                 return 0
             self.sock.apply(changes)
-            for name, elems in by_set.items():
-                for element in elems:
-                    self._learned.get(name, {}).pop(element.identity(), None)
+            for change in changes:
+                self._record(change)
             return sum(len(e) for e in by_set.values())
 
     def forget_expired(self) -> int:

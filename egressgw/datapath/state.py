@@ -40,6 +40,10 @@ class LearnedPolicy(Protocol):
         """The port atoms an answer for ``name`` opens for ``identity`` now; () for none."""
         ...
 
+    def decides_alike(self, identity: int, other: LearnedPolicy) -> bool:
+        """Whether ``other`` opens exactly the same for every name of ``identity``."""
+        ...
+
 
 @dataclass(frozen=True, slots=True, order=True)
 class Box:
@@ -251,13 +255,33 @@ REMOVE: Fate = ()
 
 class Judge:
     """Decides learned elements under one policy, remembering per (identity, name) what the
-    policy opens, so a name shared by many elements is asked about once."""
+    policy opens, so a name shared by many elements is asked about once. The elements of an
+    identity that ``previous`` (the policy they were decided under) decides alike are kept
+    without a look, so an apply that changes one workload's policies costs that workload's
+    elements, not every element."""
 
-    def __init__(self, desired: DesiredState, policy: LearnedPolicy | None, now: float) -> None:
+    def __init__(
+        self,
+        desired: DesiredState,
+        policy: LearnedPolicy | None,
+        now: float,
+        previous: LearnedPolicy | None = None,
+    ) -> None:
         self.identities = desired.identities
         self.policy = policy
         self.now = now
+        self.previous = previous
         self._ports: dict[tuple[int, str], tuple[PortAtom, ...]] = {}
+        self._alike: dict[int, bool] = {}
+
+    def _unchanged(self, identity: int) -> bool:
+        found = self._alike.get(identity)
+        if found is None:
+            assert self.policy is not None
+            previous = self.previous
+            found = previous is not None and self.policy.decides_alike(identity, previous)
+            self._alike[identity] = found
+        return found
 
     def _ports_of(self, identity: int, name: str) -> tuple[PortAtom, ...]:
         key = (identity, name)
@@ -272,7 +296,7 @@ class Judge:
         identity = learned_identity(set_name, element)
         if identity not in self.identities:
             return REMOVE
-        if self.policy is None:
+        if self.policy is None or self._unchanged(identity):
             return KEEP
         learned = Learned.from_element(set_name, element)
         names = names_of(element.comment)

@@ -119,6 +119,16 @@ class NamePolicy:
     def identities(self) -> Mapping[int, WorkloadSelection]:
         return self._identities
 
+    def decides_alike(self, identity: int, other: object) -> bool:
+        """Whether ``other`` decides every name of ``identity`` as this plan does: the same
+        gateway and the same policies (what the decisions and port atoms depend on)."""
+        if not isinstance(other, NamePolicy):
+            return False
+        mine, theirs = self._identities.get(identity), other._identities.get(identity)
+        if mine is None or theirs is None:
+            return False
+        return mine.gateway == theirs.gateway and mine.policies == theirs.policies
+
     def ports_of(self, identity: int, name: str) -> tuple[PortAtom, ...]:
         """The port atoms an answer for ``name`` opens for ``identity`` under this plan."""
         return self.decide(identity, name).ports

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from egressgw.datapath import skeleton
-from egressgw.datapath.kernel import NftDatapath, UnknownIdentity
+from egressgw.datapath.kernel import NftDatapath, StalePolicy, UnknownIdentity
 from egressgw.datapath.netlink import BatchError, Change, Element, Op
 from egressgw.datapath.state import Box, DesiredState, Learned
 from tests.kernel.topology import CLIENT4, CLIENT6, NODE4, SERVER4, SERVER6, Topology, topology
@@ -297,3 +297,54 @@ def test_skeleton_upgrade_keeps_the_elements_of_an_older_table(
     assert established.recv(8) == b"x\n"
     assert roundtrip(topo, SERVER4, 443) == str(EGRESS4)
     again.close()
+
+
+def test_a_learned_element_keeps_every_name_that_opened_it_across_refreshes(
+    topo: Topology, datapath: NftDatapath
+) -> None:
+    datapath.reconcile(desired(allow_net=set()))
+    learned = Learned(PAYMENTS, ipaddress.ip_address(SERVER4), 6, (443, 443))
+    assert datapath.program([learned], 30, name="a.example") == 1
+    assert datapath.program([learned], 30, name="b.example") == 1  # a new reason: rewritten
+    assert datapath.program([learned], 10, name="a.example") == 0  # known and covered
+    assert datapath.program([learned], 300, name="a.example") == 1  # a refresh
+    listed = topo.nft("list", "set", "inet", "egressgw", "allow4")
+    assert 'comment "a.example,b.example"' in listed, listed
+    # a restart reads the names back
+    assert datapath.adopt().learned == 1
+    assert roundtrip(topo, SERVER4, 443) == str(EGRESS4)
+
+
+class _OnlyName:
+    """A policy under which one name opens TCP 443 for every identity."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def ports_of(self, identity: int, name: str) -> tuple[tuple[int | None, int, int], ...]:
+        return ((6, 443, 443),) if name == self.name else ()
+
+    def decides_alike(self, identity: int, other: object) -> bool:
+        return isinstance(other, _OnlyName) and other.name == self.name
+
+
+def test_a_reconcile_under_a_new_policy_removes_what_it_no_longer_allows_at_once(
+    topo: Topology, datapath: NftDatapath
+) -> None:
+    old = _OnlyName("a.example")
+    datapath.reconcile(desired(allow_net=set()), old)
+    learned = Learned(PAYMENTS, ipaddress.ip_address(SERVER4), 6, (443, 443))
+    datapath.program([learned], 600, name="a.example", policy=old)
+    established = topo.connect(SERVER4, 443)
+    assert roundtrip(topo, SERVER4, 443) == str(EGRESS4)
+
+    new = _OnlyName("b.example")
+    result = datapath.reconcile(desired(allow_net=set()), new)
+    assert result.learned_removed == 1
+    assert refused(topo, SERVER4, 443)[0] == errno.EHOSTUNREACH
+    established.sendall(b"still here\n")  # conntrack keeps what was established
+    assert established.recv(32) == b"still here\n"
+    established.close()
+    # and the old policy can no longer program anything
+    with pytest.raises(StalePolicy):
+        datapath.program([learned], 600, name="a.example", policy=old)

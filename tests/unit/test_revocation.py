@@ -282,3 +282,22 @@ def test_redecide_keeps_only_the_allowed_atoms_an_element_overlaps(
     atom: PortAtom, allowed: list[PortAtom], expected: list[PortAtom]
 ) -> None:
     assert list(redecide(atom, allowed)) == expected
+
+
+def test_elements_of_workloads_whose_policies_did_not_change_are_not_looked_at() -> None:
+    # The element below records no name, so any look would remove it: it stays only because
+    # its workload's gateway and policies are the same as under the policy it was decided by.
+    registry = IdentityRegistry()
+    before = build(snapshot(policy(*RULES)), registry)
+    (identity,) = before.desired.identities
+    item = Learned(identity, OLD, 6, (5432, 5432))
+    entry = (NOW + 60, item.element(60_000))
+    same = build(snapshot(policy(*RULES)), registry)
+    changed = build(snapshot(policy(*RULES[1:])), registry)
+    previous = NamePolicy(before.selections)
+    for plan, expected in ((same, None), (changed, ())):
+        judge = Judge(plan.desired, NamePolicy(plan.selections), NOW, previous)
+        assert judge.fate(item.set_name, entry) == expected
+    # without the policy it was decided under (a restart), every element is looked at
+    judge = Judge(same.desired, NamePolicy(same.selections), NOW)
+    assert judge.fate(item.set_name, entry) == ()
