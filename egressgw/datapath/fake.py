@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-from egressgw.datapath.kernel import StalePolicy
+from egressgw.datapath.kernel import DatapathBusy, StalePolicy
 from egressgw.datapath.state import Learned, LearnedPolicy
 
 
@@ -20,10 +20,13 @@ class FakeDatapath:
         self.fail_with: Exception | None = None
         self.delay_s = 0.0
         self.epoch = 0
+        self.unsettled: frozenset[int] = frozenset()
         self.in_force: LearnedPolicy | None = None  # None: accept under any policy
 
-    def commit(self, policy: LearnedPolicy | None) -> None:
-        """What a reconcile does to the interceptor's world: a new epoch, a new policy."""
+    def commit(self, policy: LearnedPolicy | None, unsettled: frozenset[int] = frozenset()) -> None:
+        """What a reconcile does to the interceptor's world: a new epoch (whose change touches
+        the learned elements of ``unsettled``), a new policy in force."""
+        self.unsettled = unsettled
         self.epoch += 1
         self.in_force = policy
 
@@ -34,6 +37,7 @@ class FakeDatapath:
         *,
         name: str | None = None,
         policy: LearnedPolicy | None = None,
+        wait_s: float | None = None,
     ) -> int:
         items = list(learned)
         if self.in_force is not None and policy is not None and policy is not self.in_force:
@@ -41,6 +45,9 @@ class FakeDatapath:
         if self.fail_with is not None:
             raise self.fail_with
         if self.delay_s:
+            if wait_s is not None and self.delay_s > wait_s:
+                time.sleep(max(0.0, wait_s))
+                raise DatapathBusy(f"busy for longer than {wait_s:.3f} s")
             time.sleep(self.delay_s)
         written = 0
         for item in items:
@@ -53,7 +60,7 @@ class FakeDatapath:
             self.batches += 1
         return written
 
-    def revoke(self, learned: Iterable[Learned]) -> int:
+    def revoke(self, learned: Iterable[Learned], wait_s: float | None = None) -> int:
         removed = 0
         for item in learned:
             if self.learned.pop(item, None) is not None:

@@ -5,23 +5,29 @@ Out: kernel set elements, each change one netlink transaction.
 
 It never flushes what it finds: ``adopt`` loads the skeleton with ``add`` (keeping every set's
 elements) and reads the elements back, so learned destinations and established flows keep
-working across a restart; ``reconcile`` then changes only what differs.
+working across a restart; ``reconcile`` then changes only what differs, and decides every learned
+element again under the policy it is given (by the names the element records, see ``state``),
+so what that policy no longer allows goes in the same transaction, at the first reconcile after
+a restart too. It may not decide policy itself: ``LearnedPolicy`` says what a name opens.
 
 Kernel facts this relies on (checked by tests/kernel/test_datapath_kernel.py on the running kernel):
 - re-adding an existing element with the same timeout does not restart its timeout (6.18 only
   refreshes when the timeout value differs, older kernels never do), so a refresh is a
   DESTROYSETELEM (Linux 6.3+) followed by an add, both in one transaction;
-- an element's remaining lifetime is reported as NFTA_SET_ELEM_EXPIRATION in milliseconds.
+- an element's remaining lifetime is reported as NFTA_SET_ELEM_EXPIRATION in milliseconds;
+- an element's comment (its userdata) is kept and dumped back as written, up to 251 bytes
+  (tests/kernel/test_netlink_sizes.py; a longer one is refused or, at 253, silently dropped).
 """
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from egressgw.datapath import keys, skeleton
@@ -70,6 +76,10 @@ class UnknownIdentity(LookupError):
 
 class StalePolicy(RuntimeError):
     """Learned elements were offered under a policy that is no longer the one in force."""
+
+
+class DatapathBusy(TimeoutError):
+    """The datapath stayed busy with a reconcile for longer than the caller could wait."""
 
 
 @dataclass
@@ -131,9 +141,12 @@ class NftDatapath:
         self._lock = threading.RLock()
         self._reconcile_lock = threading.Lock()  # one reconcile at a time
         self._in_force: LearnedPolicy | None = None  # what ``program`` accepts elements under
-        # bumped when a reconcile is about to change the kernel: what was answered from memory
-        # under an older value must be decided again
+        # bumped when a reconcile is about to change the kernel; ``unsettled`` then names the
+        # identities whose learned elements it removes or rewrites: what was answered from
+        # memory for them under an older epoch must be decided again (the others' stands)
         self.epoch = 0
+        self.unsettled: frozenset[int] = frozenset()
+        self._learned_counts: dict[int, int] = {}  # what learned_by_identity found last
 
     @property
     def sock(self) -> NftSocket:
@@ -202,7 +215,10 @@ class NftDatapath:
                 learned_closing, learned_opening = self._learned_changes(desired, policy, decided)
                 result.learned_removed = sum(len(c.elements) for c in learned_closing)
                 result.learned_rewritten = sum(len(c.elements) for c in learned_opening)
-                self.epoch += 1  # replies made under the old policy stop being served now
+                self.unsettled = frozenset(
+                    learned_identity(c.set_name, e) for c in learned_closing for e in c.elements
+                )
+                self.epoch += 1  # after ``unsettled``: a reader of the new epoch sees its set
                 phases = [
                     closing[0] + learned_closing + closing[1],
                     opening[0] + learned_opening + opening[1],
@@ -349,62 +365,85 @@ class NftDatapath:
         *,
         name: str | None = None,
         policy: LearnedPolicy | None = None,
+        wait_s: float | None = None,
     ) -> int:
         """Allow each learned destination for at least ``lifetime_s`` seconds from now.
 
         ``name`` is recorded on each element as a reason it exists; ``policy`` is the policy
         the caller decided under, refused (``StalePolicy``) unless it is the one in force.
-        One transaction; elements whose kernel lifetime already covers it and that already
-        record ``name`` are left alone. Returns the number of elements written.
+        While a reconcile holds the kernel, this waits at most ``wait_s`` (None: as long as it
+        takes), then raises ``DatapathBusy``: an answer waits for its bound, not for a big
+        change. One transaction; elements whose kernel lifetime already covers it and that
+        already record ``name`` are left alone. Returns the number of elements written.
         """
-        with self._lock:
-            if policy is not None and policy is not self._in_force:
-                raise StalePolicy("the policy changed; decide again under the one in force")
-            now = self._clock()
-            needed_until = now + lifetime_s
-            timeout_ms = whole_seconds_ms(lifetime_s)
-            changes: list[Change] = []
-            by_set: dict[str, list[Element]] = {}
-            held_identities = self._static.get("identities", {})
-            for item in learned:
-                if (keys.mark(item.identity), None) not in held_identities:
-                    # an answer resolved under an older plan: its identity is gone, and its
-                    # number may be handed to another workload; programming it would leak
-                    raise UnknownIdentity(f"identity {item.identity} is not in the datapath")
-                element = item.element(timeout_ms, name)
-                by_set.setdefault(item.set_name, []).append(element)
-            for set_name, elements in by_set.items():
-                mirror = self._learned.setdefault(set_name, {})
-                stale: list[Element] = []
-                fresh: list[Element] = []
-                for element in elements:
-                    known = mirror.get(element.identity())
-                    if known is not None:
-                        added = with_name(known[1].comment, name) if name else None
-                        if known[0] >= needed_until and added is None:
-                            continue
-                        # rewritten: a refresh or a new reason; every name it had stays, and
-                        # so does a longer life it had
-                        element = element._replace(
-                            comment=known[1].comment if added is None else added,
-                            timeout_ms=max(timeout_ms, whole_seconds_ms(known[0] - now)),
-                        )
-                        stale.append(element)
-                    fresh.append(element)
-                if stale:
-                    changes.append(Change(Op.DESTROY, set_name, tuple(stale)))
-                if fresh:
-                    changes.append(Change(Op.ADD, set_name, tuple(fresh)))
-            if not changes:
-                return 0
-            self.sock.apply(changes)
-            for change in changes:
-                self._record(change)
-            return sum(len(c.elements) for c in changes if c.op is Op.ADD)
+        with self._held(wait_s):
+            return self._program(learned, lifetime_s, name, policy)
 
-    def revoke(self, learned: Iterable[Learned]) -> int:
-        """Remove learned destinations now (cap evictions); one transaction."""
-        with self._lock:
+    @contextlib.contextmanager
+    def _held(self, wait_s: float | None) -> Iterator[None]:
+        """The datapath's lock, waited for at most ``wait_s`` seconds (None: without bound)."""
+        if not self._lock.acquire(timeout=-1 if wait_s is None else max(0.0, wait_s)):
+            raise DatapathBusy(f"the datapath stayed busy with a change for {wait_s:.3f} s")
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def _program(
+        self,
+        learned: Iterable[Learned],
+        lifetime_s: float,
+        name: str | None,
+        policy: LearnedPolicy | None,
+    ) -> int:
+        if policy is not None and policy is not self._in_force:
+            raise StalePolicy("the policy changed; decide again under the one in force")
+        now = self._clock()
+        needed_until = now + lifetime_s
+        timeout_ms = whole_seconds_ms(lifetime_s)
+        changes: list[Change] = []
+        by_set: dict[str, list[Element]] = {}
+        held_identities = self._static.get("identities", {})
+        for item in learned:
+            if (keys.mark(item.identity), None) not in held_identities:
+                # an answer resolved under an older plan: its identity is gone, and its
+                # number may be handed to another workload; programming it would leak
+                raise UnknownIdentity(f"identity {item.identity} is not in the datapath")
+            element = item.element(timeout_ms, name)
+            by_set.setdefault(item.set_name, []).append(element)
+        for set_name, elements in by_set.items():
+            mirror = self._learned.setdefault(set_name, {})
+            stale: list[Element] = []
+            fresh: list[Element] = []
+            for element in elements:
+                known = mirror.get(element.identity())
+                if known is not None:
+                    added = with_name(known[1].comment, name) if name else None
+                    if known[0] >= needed_until and added is None:
+                        continue
+                    # rewritten: a refresh or a new reason; every name it had stays, and
+                    # so does a longer life it had
+                    element = element._replace(
+                        comment=known[1].comment if added is None else added,
+                        timeout_ms=max(timeout_ms, whole_seconds_ms(known[0] - now)),
+                    )
+                    stale.append(element)
+                fresh.append(element)
+            if stale:
+                changes.append(Change(Op.DESTROY, set_name, tuple(stale)))
+            if fresh:
+                changes.append(Change(Op.ADD, set_name, tuple(fresh)))
+        if not changes:
+            return 0
+        self.sock.apply(changes)
+        for change in changes:
+            self._record(change)
+        return sum(len(c.elements) for c in changes if c.op is Op.ADD)
+
+    def revoke(self, learned: Iterable[Learned], wait_s: float | None = None) -> int:
+        """Remove learned destinations now (cap evictions); one transaction. Waits for a busy
+        datapath as ``program`` does."""
+        with self._held(wait_s):
             by_set: dict[str, list[Element]] = {}
             for item in learned:
                 by_set.setdefault(item.set_name, []).append(item.element())
@@ -420,8 +459,10 @@ class NftDatapath:
         """Drop mirror entries the kernel has expired; returns how many.
 
         Costs what expired (log n each), not the size of the mirror: it runs on the thread that
-        answers DNS queries."""
-        with self._lock:
+        answers DNS queries, so while a reconcile holds the datapath it does nothing (0)."""
+        if not self._lock.acquire(blocking=False):
+            return 0
+        try:
             now = self._clock()
             heap, dropped = self._expiries, 0
             while heap and heap[0][0] <= now:
@@ -434,6 +475,8 @@ class NftDatapath:
             if len(heap) > 2 * sum(map(len, self._learned.values())) + 4096:
                 self._rebuild_expiries()  # mostly superseded or removed entries: start over
             return dropped
+        finally:
+            self._lock.release()
 
     def _rebuild_expiries(self) -> None:
         """The expiry heap from the mirror alone: one entry per learned element."""
@@ -458,14 +501,20 @@ class NftDatapath:
         return out
 
     def learned_by_identity(self) -> dict[int, int]:
-        """How many learned elements each identity has in the mirror."""
-        with self._lock:
+        """How many learned elements each identity has in the mirror. Read at scrape time, on
+        the event loop: while a reconcile holds the datapath, the counts of the last read."""
+        if not self._lock.acquire(blocking=False):
+            return dict(self._learned_counts)
+        try:
             counts: dict[int, int] = {}
             for name, mirror in self._learned.items():
                 for _expiry, element in mirror.values():
                     identity = learned_identity(name, element)
                     counts[identity] = counts.get(identity, 0) + 1
-            return counts
+            self._learned_counts = counts
+            return dict(counts)
+        finally:
+            self._lock.release()
 
     def static_count(self, set_name: str) -> int:
         return len(self._static.get(set_name, {}))

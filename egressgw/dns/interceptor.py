@@ -12,11 +12,15 @@ it is bounded by the socket timeout, which is set to ``program_timeout_s``.
 
 One thread owns this state: the event loop's. A new plan is ``offer``ed from the thread that
 computed it (one reference, taken by the loop at its next query or answer), after the datapath
-made it the policy in force. Everything remembered under an older plan (ready replies, what is
-programmed, name decisions) is dropped as soon as the datapath's ``epoch`` moves, which it does
-before the kernel changes; an answer decided under an older plan is decided again under the new
-one before it is released, and the datapath refuses elements offered under a plan that is not in
-force (``StalePolicy``).
+made it the policy in force. What was remembered (ready replies, what is programmed) for an
+identity whose learned elements a reconcile removes or rewrites is dropped as soon as the
+datapath's ``epoch`` moves, which it does before the kernel changes; when the new plan is taken,
+what was remembered for an identity it decides differently, or for a source that now belongs to
+another identity or to none, is dropped too. The rest stands, so a big reconcile does not turn
+every repeated query into a programming call that waits for the kernel. An answer decided under
+an older plan is decided again under the new one before it is released; the datapath refuses
+elements offered under a plan that is not in force (``StalePolicy``), and an answer waits for a
+busy datapath only as long as its programming bound (then SERVFAIL).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 from egressgw import metrics
-from egressgw.datapath.kernel import StalePolicy
+from egressgw.datapath.kernel import DatapathBusy, StalePolicy
 from egressgw.datapath.keys import parse_address
 from egressgw.datapath.state import Learned, LearnedPolicy, PortAtom, atom_order
 from egressgw.dns.cache import Answer, AnswerCache, prepare
@@ -68,6 +72,7 @@ OUTCOMES = (
     ("servfail", "upstream failed"),
     ("servfail", "bad upstream answer"),
     ("servfail", "programming failed"),
+    ("servfail", "datapath busy"),
     ("servfail", "policy changed"),
     ("formerr", "malformed query"),
     ("notimp", "opcode not supported"),
@@ -83,6 +88,11 @@ class Programmer(Protocol):
         """Moves before every change of the policy in force reaches the kernel."""
         ...
 
+    @property
+    def unsettled(self) -> frozenset[int]:
+        """The identities whose learned elements the change of the current epoch touches."""
+        ...
+
     def program(
         self,
         learned: Iterable[Learned],
@@ -90,9 +100,10 @@ class Programmer(Protocol):
         *,
         name: str | None = None,
         policy: LearnedPolicy | None = None,
+        wait_s: float | None = None,
     ) -> int: ...
 
-    def revoke(self, learned: Iterable[Learned]) -> int: ...
+    def revoke(self, learned: Iterable[Learned], wait_s: float | None = None) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -330,21 +341,55 @@ class Interceptor:
         self._sync()
 
     def _sync(self) -> None:
-        """Drop what was remembered under an older plan or epoch; take an offered plan."""
+        """Take an offered plan, and drop what was remembered for identities that a change of
+        the datapath or the plan may have affected (see the module's docstring)."""
         epoch = self.datapath.epoch
+        if epoch != self._epoch:
+            # one reconcile since: only its identities are unsettled; several: all may be
+            self._forget(self.datapath.unsettled if epoch == self._epoch + 1 else None)
+            self._epoch = epoch
         offered = self._offered
-        if epoch == self._epoch and offered is self.view:
-            return
-        self._epoch = epoch
-        self._programmed.clear()
-        self._replies.clear()
         if offered is not self.view:
-            self.view = offered
+            old, self.view = self.view, offered
+            self._forget_changed(old, offered)
             identities = offered.names.identities
             self._budget.retain(identities)  # identities may have been renumbered or removed
             for memo in (self._evictions, self._cap_logged):
                 for gone in [i for i in memo if i not in identities]:
                     del memo[gone]
+
+    def _forget(self, identities: frozenset[int] | None) -> None:
+        """Drop what is remembered for ``identities`` (None: for every identity)."""
+        if identities is None:
+            self._programmed.clear()
+            self._replies.clear()
+            return
+        if not identities:
+            return
+        for key in [k for k in self._programmed if k[0] in identities]:
+            del self._programmed[key]
+        for rkey in [k for k, entry in self._replies.items() if entry[3] in identities]:
+            del self._replies[rkey]
+
+    def _forget_changed(self, old: PolicyView, new: PolicyView) -> None:
+        """Keep only what the new plan decides as the old one did, for the same sources."""
+        alike: dict[int, bool] = {}
+
+        def same(identity: int) -> bool:
+            found = alike.get(identity)
+            if found is None:
+                found = alike[identity] = new.names.decides_alike(identity, old.names)
+            return found
+
+        for key in [k for k in self._programmed if not same(k[0])]:
+            del self._programmed[key]
+        lookup = new.workloads.lookup
+        for rkey in [
+            (source, rest)
+            for (source, rest), entry in self._replies.items()
+            if not same(entry[3]) or getattr(lookup(source), "identity", None) != entry[3]
+        ]:
+            del self._replies[rkey]
 
     def flush_counts(self) -> None:
         """Add the replies given by ``ready`` to the metrics (the server calls this after each
@@ -537,6 +582,8 @@ class Interceptor:
                     break
             except StalePolicy:
                 continue  # the plan changed while programming: decide again under the new one
+            except DatapathBusy:
+                return self._local(d.query, d.question, SERVFAIL, "servfail", "datapath busy")
             return self._local(d.query, d.question, SERVFAIL, "servfail", "programming failed")
         else:
             return self._local(d.query, d.question, SERVFAIL, "servfail", "policy changed")
@@ -601,7 +648,7 @@ class Interceptor:
             if evicted:
                 self._programmed.clear()  # some cached answers are no longer fully programmed
                 self._evictions[workload.identity] = self._evictions.get(workload.identity, 0) + 1
-                self.datapath.revoke(evicted)
+                self.datapath.revoke(evicted, wait_s=self._left(started))
                 metrics.DNS_CAP_HITS.labels(workload.namespace, "identity").inc()
                 if now - self._cap_logged.get(workload.identity, -CAP_LOG_INTERVAL_S) >= (
                     CAP_LOG_INTERVAL_S
@@ -614,8 +661,14 @@ class Interceptor:
                         workload.pod,
                         self.settings.max_addresses_per_identity,
                     )
-            written = self.datapath.program(learned, lifetime, name=d.question.name, policy=d.names)
+            written = self.datapath.program(
+                learned, lifetime, name=d.question.name, policy=d.names, wait_s=self._left(started)
+            )
         except StalePolicy:
+            raise
+        except DatapathBusy as exc:
+            metrics.DNS_PROGRAM_FAILURES.inc()
+            log.warning("dns: %s; answering SERVFAIL", exc)
             raise
         except Exception as exc:
             metrics.DNS_PROGRAM_FAILURES.inc()
@@ -629,6 +682,11 @@ class Interceptor:
             log.error("dns: programming took %.0f ms, over the bound", elapsed * 1000)
             return False
         return True
+
+    def _left(self, started: float) -> float:
+        """What is left of the programming bound of an answer whose programming began at
+        ``started`` (``time.perf_counter``)."""
+        return self.settings.program_timeout_s - (time.perf_counter() - started)
 
     def _log(
         self,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import time
 
 import pytest
 from dnslib import QTYPE, RCODE, DNSRecord
@@ -469,14 +470,51 @@ def test_a_plan_offered_from_another_thread_is_taken_before_a_ready_reply() -> N
     assert env.ask("db.lab.example").header.rcode == RCODE.NXDOMAIN
 
 
-def test_no_ready_reply_is_served_once_the_datapath_moved_to_a_new_epoch() -> None:
-    # between the kernel change and the hand-over, what was memoised is not served either
+def test_no_ready_reply_is_served_for_an_identity_a_reconcile_is_changing() -> None:
+    # between the kernel change and the hand-over, what was memoised for the identities whose
+    # learned elements the change removes is not served; the others' replies still are
+    env = Env()
+    query = Env.query("db.lab.example")
+    cdn = Env.query("www.cdn.lab.example")
+    env.ask("db.lab.example")
+    assert env.interceptor.ready(str(API), query[2:]) is not None
+    env.datapath.unsettled = frozenset({env.identity(ETL)})
+    env.datapath.epoch += 1
+    assert env.interceptor.ready(str(API), query[2:]) is not None
+    env.datapath.unsettled = frozenset({env.identity(API)})
+    env.datapath.epoch += 1
+    assert env.interceptor.ready(str(API), query[2:]) is None
+    env.ask("www.cdn.lab.example")
+    assert env.interceptor.ready(str(API), cdn[2:]) is not None
+    env.datapath.epoch += 2  # two reconciles since: every identity may be affected
+    assert env.interceptor.ready(str(API), cdn[2:]) is None
+
+
+def test_a_new_plan_keeps_the_replies_of_workloads_it_decides_alike() -> None:
     env = Env()
     query = Env.query("db.lab.example")
     env.ask("db.lab.example")
-    assert env.interceptor.ready(str(API), query[2:]) is not None
-    env.datapath.epoch += 1
+    analytics_only = (
+        DEFAULT_POLICIES[0],
+        policy("analytics", "etl", Peer(fqdn="web.lab.example")),
+    )
+    view = _view(*analytics_only)
+    env.datapath.commit(view.names)
+    env.interceptor.offer(view)
+    assert env.interceptor.ready(str(API), query[2:]) is not None  # payments' plan is the same
+    moved = _view(policy("payments", "api", Peer(fqdn="web.lab.example")), analytics_only[1])
+    env.datapath.commit(moved.names)
+    env.interceptor.offer(moved)
     assert env.interceptor.ready(str(API), query[2:]) is None
+
+
+def test_a_busy_datapath_gets_servfail_within_the_programming_bound() -> None:
+    env = Env(program_timeout_s=0.05)
+    env.datapath.delay_s = 5.0  # a reconcile holding the kernel for seconds
+    started = time.perf_counter()
+    assert env.ask("db.lab.example").header.rcode == RCODE.SERVFAIL
+    assert time.perf_counter() - started < 1.0
+    assert env.datapath.learned == {}
 
 
 def test_an_answer_decided_under_an_old_plan_is_decided_again_before_release() -> None:
