@@ -94,10 +94,20 @@ class _Udp:
             self._send(response, addr)
 
 
+# Queries that arrive while the loop is held up (a full collection, the kernel busy with a big
+# change) wait here instead of being dropped: the default buffer holds about 250 of them.
+UDP_RECEIVE_BUFFER_BYTES = 4 * 1024 * 1024
+SO_RCVBUFFORCE = 33  # Linux; needs CAP_NET_ADMIN, which the gateway has
+
+
 def _udp_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, UDP_RECEIVE_BUFFER_BYTES)
+        except OSError:  # without CAP_NET_ADMIN: as much as net.core.rmem_max allows
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER_BYTES)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
