@@ -62,6 +62,10 @@ EGRESS_IPS_HELD = Gauge("egressgw_egress_ips_held", "Egress IPs this node holds 
 INVALID_MANIFESTS = Gauge(
     "egressgw_invalid_manifest_problems", "Problems in manifests currently ignored"
 )
+GC_FROZEN_OBJECTS = Gauge(
+    "egressgw_gc_frozen_objects",
+    "Objects moved out of the collector's way; growing with every apply means a leak",
+)
 PLAN_NOTES = Gauge("egressgw_plan_conflicts", "Conflicts noted in the last plan")
 
 DNS_QUERIES = Counter(

@@ -20,6 +20,7 @@ from typing import Any
 import pyroute2.config
 from pyroute2 import IPRoute
 
+from egressgw.datapath.netlink import NLMSG_DONE, NLMSG_ERROR, NLMSGHDR, attributes, messages
 from egressgw.datapath.netns import call_in
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,9 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IFA_F_NODAD = 0x02
 ETH_P_ARP = 0x0806
 _BROADCAST = b"\xff" * 6
+RTM_NEWADDR, RTM_GETADDR = 20, 22
+IFA_ADDRESS = 1
+_IFADDRMSG = struct.Struct("=BBBBI")  # family, prefix length, flags, scope, interface index
 
 
 @dataclass
@@ -51,8 +55,18 @@ class UplinkAddresses:
             self._ipr.close()
             raise LookupError(f"uplink interface {uplink!r} does not exist")
         self.index: int = found[0]
+        # Reading the addresses (twice per apply) goes through a plain socket decoded with
+        # struct: pyroute2 builds every message as a reference cycle (``chain = [self]``), which
+        # the daemon's gc.freeze() keeps forever.
+        self._route = call_in(
+            netns, lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        )
+        self._route.settimeout(10)
+        self._route.bind((0, 0))
+        self._seq = 0
 
     def close(self) -> None:
+        self._route.close()
         self._ipr.close()
 
     def present(self) -> set[IPAddress]:
@@ -60,10 +74,33 @@ class UplinkAddresses:
         return set(self._prefixes())
 
     def _prefixes(self) -> dict[IPAddress, int]:
-        return {
-            ipaddress.ip_address(msg.get_attr("IFA_ADDRESS")): msg["prefixlen"]
-            for msg in self._ipr.get_addr(index=self.index)
-        }
+        """Address -> prefix length on the uplink: one RTM_GETADDR dump."""
+        self._seq = seq = (self._seq + 1) & 0x7FFFFFFF
+        request = _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
+        flags = 0x1 | 0x300  # NLM_F_REQUEST | NLM_F_DUMP
+        header = NLMSGHDR.pack(NLMSGHDR.size + len(request), RTM_GETADDR, flags, seq, 0)
+        self._route.send(header + request)
+        found: dict[IPAddress, int] = {}
+        while True:
+            for kind, _flags, reply_seq, raw in messages(self._route.recv(1 << 16)):
+                if reply_seq != seq:
+                    continue
+                if kind == NLMSG_DONE:
+                    return found
+                if kind == NLMSG_ERROR:
+                    (code,) = struct.unpack_from("=i", raw, NLMSGHDR.size)
+                    if code:
+                        raise OSError(-code, f"listing the addresses of {self.uplink}")
+                    return found
+                if kind != RTM_NEWADDR:
+                    continue
+                _family, prefixlen, _f, _scope, index = _IFADDRMSG.unpack_from(raw, NLMSGHDR.size)
+                if index != self.index:
+                    continue
+                start = NLMSGHDR.size + _IFADDRMSG.size
+                for attr, first, last in attributes(raw, start, len(raw)):
+                    if attr == IFA_ADDRESS:
+                        found[ipaddress.ip_address(raw[first:last])] = prefixlen
 
     def sync(self, wanted: Iterable[IPAddress], previously: Iterable[IPAddress]) -> AddressChanges:
         """Add what is wanted and missing; remove what we added before and is no longer wanted."""

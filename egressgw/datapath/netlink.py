@@ -68,7 +68,7 @@ SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 SOL_NETLINK = getattr(socket, "SOL_NETLINK", 270)
 NETLINK_CAP_ACK = 10
-_NLMSGHDR = struct.Struct("=IHHII")
+NLMSGHDR = struct.Struct("=IHHII")
 # The NFTA_SET_ELEM_LIST_ELEMENTS attribute of one message, header included: its length field is
 # 16 bits (at most 65,535), kept 1.5 KB below that.
 _MAX_ELEMENTS_BYTES = 64_000
@@ -171,21 +171,21 @@ def control_with_pyroute2(msg_type: int, seq: int) -> bytes:
 
 _BATCH_RES_ID = struct.Struct("!H").pack(NFNL_SUBSYS_NFTABLES)  # nfgenmsg.res_id is big endian
 _CONTROL_BODY = struct.pack("=BB", 0, 0) + _BATCH_RES_ID
-_CONTROL_BYTES = _NLMSGHDR.size + len(_CONTROL_BODY)
+_CONTROL_BYTES = NLMSGHDR.size + len(_CONTROL_BODY)
 _TRANSACTION_OVERHEAD = 2 * _CONTROL_BYTES  # batch begin and end around the messages
 
 
 def _control(msg_type: int, seq: int) -> bytes:
     """A batch begin or end message: every transaction pays for two, so they are packed directly."""
-    return _NLMSGHDR.pack(_CONTROL_BYTES, msg_type, NLM_F_REQUEST, seq, 0) + _CONTROL_BODY
+    return NLMSGHDR.pack(_CONTROL_BYTES, msg_type, NLM_F_REQUEST, seq, 0) + _CONTROL_BODY
 
 
-def _messages(buffer: bytes) -> Iterator[tuple[int, int, int, bytes]]:
+def messages(buffer: bytes) -> Iterator[tuple[int, int, int, bytes]]:
     """(type, flags, seq, whole message) for each netlink message in a datagram."""
     offset = 0
-    while offset + _NLMSGHDR.size <= len(buffer):
-        length, msg_type, flags, seq, _pid = _NLMSGHDR.unpack_from(buffer, offset)
-        if length < _NLMSGHDR.size:
+    while offset + NLMSGHDR.size <= len(buffer):
+        length, msg_type, flags, seq, _pid = NLMSGHDR.unpack_from(buffer, offset)
+        if length < NLMSGHDR.size:
             break
         yield msg_type, flags, seq, buffer[offset : offset + length]
         offset += (length + 3) & ~3
@@ -302,7 +302,7 @@ def encode_elements(
     body = _body(_list_head(table, change.set_name), items)
     kind = (NFNL_SUBSYS_NFTABLES << 8) | change.op.value
     flags = _message_flags(change.op, ack)
-    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, flags, seq, 0) + body
+    return NLMSGHDR.pack(NLMSGHDR.size + len(body), kind, flags, seq, 0) + body
 
 
 _UNLIMITED = 1 << 62  # a plan of one transaction; apply() checks its size afterwards
@@ -339,7 +339,7 @@ def _plan(
         if not change.elements:
             continue
         head = _list_head(table, change.set_name)
-        overhead = _NLMSGHDR.size + len(head) + _NLA.size  # a message with no elements
+        overhead = NLMSGHDR.size + len(head) + _NLA.size  # a message with no elements
         kind = (NFNL_SUBSYS_NFTABLES << 8) | change.op.value
         flags = _message_flags(change.op, ack=False)
         items: list[bytes] = []
@@ -380,9 +380,9 @@ def encode_change(table: str, change: Change, seq: int) -> list[bytes]:
     messages = _plan(table, [change], _UNLIMITED)
     out = []
     for offset, message in enumerate(messages[0] if messages else ()):
-        length = _NLMSGHDR.size + len(message.body)
+        length = NLMSGHDR.size + len(message.body)
         flags = message.flags | NLM_F_ACK
-        out.append(_NLMSGHDR.pack(length, message.kind, flags, seq + offset, 0) + message.body)
+        out.append(NLMSGHDR.pack(length, message.kind, flags, seq + offset, 0) + message.body)
     return out
 
 
@@ -522,7 +522,7 @@ class NftSocket:
             seq = self._next_seq()
             flags = (message.flags | NLM_F_ACK) if position == last else message.flags
             parts.append(
-                _NLMSGHDR.pack(_NLMSGHDR.size + len(message.body), message.kind, flags, seq, 0)
+                NLMSGHDR.pack(NLMSGHDR.size + len(message.body), message.kind, flags, seq, 0)
             )
             parts.append(message.body)
             sent[seq] = message
@@ -555,10 +555,10 @@ class NftSocket:
                     raise
                 wait = False  # the receive buffer overflowed: the last replies are gone
                 continue
-            for msg_type, _flags, seq, raw in _messages(buffer):
+            for msg_type, _flags, seq, raw in messages(buffer):
                 if msg_type != NLMSG_ERROR or (seq != begin and seq not in sent):
                     continue  # late replies of an earlier, failed batch
-                (code,) = struct.unpack_from("=i", raw, _NLMSGHDR.size)
+                (code,) = struct.unpack_from("=i", raw, NLMSGHDR.size)
                 if code and failure is None:
                     what = _describe(changes, sent[seq]) if seq in sent else "transaction"
                     failure = BatchError(-code, f"table {self.table}: {what}")
@@ -577,26 +577,21 @@ class NftSocket:
     def dump(self, set_name: str) -> list[Element]:
         """Every element of one set, with timeouts and remaining lifetimes."""
         with self._lock:
-            msg = nft_set_elem_list_msg()
             seq = self._next_seq()
             flags = NLM_F_REQUEST | NLM_F_DUMP | NLM_F_ACK
-            _header(msg, (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM, flags, seq)
-            msg["attrs"] = [
-                ["NFTA_SET_ELEM_LIST_TABLE", self.table],
-                ["NFTA_SET_ELEM_LIST_SET", set_name],
-            ]
-            msg.encode()
-            self._send(bytes(msg.data))
+            body = _list_head(self.table, set_name)
+            kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM
+            self._send(NLMSGHDR.pack(NLMSGHDR.size + len(body), kind, flags, seq, 0) + body)
             elements: list[Element] = []
             while True:
                 buffer = self._recv()
-                for msg_type, _flags, reply_seq, raw in _messages(buffer):
+                for msg_type, _flags, reply_seq, raw in messages(buffer):
                     if reply_seq != seq:
                         continue
                     if msg_type == NLMSG_DONE:
                         return elements
                     if msg_type == NLMSG_ERROR:
-                        (code,) = struct.unpack_from("=i", raw, _NLMSGHDR.size)
+                        (code,) = struct.unpack_from("=i", raw, NLMSGHDR.size)
                         if code:
                             raise NetlinkError(-code, f"dump {self.table}/{set_name}")
                         return elements
@@ -625,36 +620,100 @@ def _carried(changes: Sequence[Change], messages: Sequence[_Message]) -> Iterato
         position += 1
 
 
+# Dumps are decoded with struct too: pyroute2's message objects each refer to themselves
+# (``nlmsg_base.chain = [self]``), so every decoded message, attribute and element is garbage that
+# only the cyclic collector frees, and the daemon freezes what is alive or not yet collected
+# (``runtime.Daemon._collect_young``): each scrape of the counters leaked ~100k objects.
+_NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED and NLA_F_NET_BYTEORDER
+_EXPIRATION = _ELEM["NFTA_SET_ELEM_EXPIRATION"]
+_EXPR = _ELEM["NFTA_SET_ELEM_EXPR"]
+_EXPRESSIONS = _ELEM["NFTA_SET_ELEM_EXPRESSIONS"]
+_EXPR_NAME, _EXPR_DATA = 1, 2  # NFTA_EXPR_NAME, NFTA_EXPR_DATA
+_COUNTER_BYTES, _COUNTER_PACKETS = 1, 2  # NFTA_COUNTER_BYTES, NFTA_COUNTER_PACKETS
+
+
+def attributes(raw: bytes, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(type, payload start, payload end) of each attribute in ``raw[start:end]``."""
+    while start + _NLA.size <= end:
+        length, kind = _NLA.unpack_from(raw, start)
+        if length < _NLA.size or start + length > end:
+            return
+        yield kind & _NLA_TYPE_MASK, start + _NLA.size, start + length
+        start += (length + 3) & ~3
+
+
+def _data_value(raw: bytes, start: int, end: int) -> bytes | None:
+    for kind, first, last in attributes(raw, start, end):
+        if kind == _VALUE:
+            return raw[first:last]
+    return None
+
+
+def _counter(raw: bytes, start: int, end: int) -> tuple[int, int] | None:
+    """(packets, bytes) if the expression ``raw[start:end]`` is a counter."""
+    name, data = b"", None
+    for kind, first, last in attributes(raw, start, end):
+        if kind == _EXPR_NAME:
+            name = raw[first:last].rstrip(b"\0")
+        elif kind == _EXPR_DATA:
+            data = (first, last)
+    if name != b"counter" or data is None:
+        return None
+    values = {kind: _U64.unpack_from(raw, first)[0] for kind, first, _ in attributes(raw, *data)}
+    return (values.get(_COUNTER_PACKETS, 0), values.get(_COUNTER_BYTES, 0))
+
+
+def _comment_of(raw: bytes, start: int, end: int) -> str | None:
+    """The comment in libnftnl user data: (type, length, value) records."""
+    comment = None
+    while start + _UDATA.size <= end:
+        kind, length = _UDATA.unpack_from(raw, start)
+        start += _UDATA.size
+        if start + length > end:
+            return None
+        if kind == _UDATA_COMMENT:
+            value = raw[start : start + length]
+            comment = (value[:-1] if value.endswith(b"\0") else value).decode()
+        start += length
+    return comment
+
+
 def _decode_elements(raw: bytes) -> Iterator[Element]:
-    msg = nft_set_elem_list_msg(raw)
-    msg.decode()
-    for nla in msg.get_attr("NFTA_SET_ELEM_LIST_ELEMENTS") or ():
-        key = nla.get_attr("NFTA_SET_ELEM_KEY")
-        key_end = nla.get_attr("NFTA_SET_ELEM_KEY_END")
-        data = nla.get_attr("NFTA_SET_ELEM_DATA")
-        comment = None
-        counter = None
-        expressions = nla.get_attrs("NFTA_SET_ELEM_EXPR")
-        for listed in nla.get_attrs("NFTA_SET_ELEM_EXPRESSIONS"):
-            expressions.extend(
-                listed.get_attrs("NFTA_LIST_ELEM") if hasattr(listed, "get_attrs") else []
-            )
-        for expr in expressions:
-            if expr.get_attr("NFTA_EXPR_NAME") == "counter":
-                values = expr.get_attr("NFTA_EXPR_DATA")
-                counter = (
-                    values.get_attr("NFTA_COUNTER_PACKETS"),
-                    values.get_attr("NFTA_COUNTER_BYTES"),
-                )
-        for udata_type, value in nla.get_attr("NFTA_SET_ELEM_USERDATA") or ():
-            if udata_type == "NFTNL_UDATA_SET_ELEM_COMMENT":
-                comment = value.decode() if isinstance(value, bytes) else str(value)
-        yield Element(
-            key=key.get_attr("NFTA_DATA_VALUE"),
-            key_end=key_end.get_attr("NFTA_DATA_VALUE") if key_end else None,
-            data=data.get_attr("NFTA_DATA_VALUE") if data else None,
-            timeout_ms=nla.get_attr("NFTA_SET_ELEM_TIMEOUT"),
-            expiration_ms=nla.get_attr("NFTA_SET_ELEM_EXPIRATION"),
-            comment=comment,
-            counter=counter,
-        )
+    """The elements of one dumped element-list message (header included)."""
+    for kind, first, last in attributes(raw, NLMSGHDR.size + _NFGEN.size, len(raw)):
+        if kind == _ELEMENTS:
+            for _index, start, end in attributes(raw, first, last):
+                yield _decode_element(raw, start, end)
+
+
+def _decode_element(raw: bytes, start: int, end: int) -> Element:
+    key = key_end = data = comment = None
+    timeout = expiration = None
+    counter = None
+    for kind, first, last in attributes(raw, start, end):
+        if kind == _KEY:
+            key = _data_value(raw, first, last)
+        elif kind == _KEY_END:
+            key_end = _data_value(raw, first, last)
+        elif kind == _MAP_DATA:
+            data = _data_value(raw, first, last)
+        elif kind == _TIMEOUT:
+            (timeout,) = _U64.unpack_from(raw, first)
+        elif kind == _EXPIRATION:
+            (expiration,) = _U64.unpack_from(raw, first)
+        elif kind == _USERDATA:
+            comment = _comment_of(raw, first, last)
+        elif kind == _EXPR:
+            counter = _counter(raw, first, last) or counter
+        elif kind == _EXPRESSIONS:
+            for _listed, lfirst, llast in attributes(raw, first, last):
+                counter = _counter(raw, lfirst, llast) or counter
+    return Element(
+        key=key or b"",
+        key_end=key_end,
+        data=data,
+        timeout_ms=timeout,
+        expiration_ms=expiration,
+        comment=comment,
+        counter=counter,
+    )

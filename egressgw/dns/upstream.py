@@ -363,6 +363,10 @@ class Upstream:
         finally:
             timer.cancel()
             server.pending.pop(ident, None)
+            # the future holds the exception it raised (a timeout, an ICMP error), whose
+            # traceback holds this frame, which holds the future: a cycle, kept for good once
+            # the daemon freezes it (runtime.Daemon._collect_young)
+            del future
 
     async def _tcp(self, server: _Server, question: Question, query: bytes) -> bytes:
         async def exchange() -> bytes:

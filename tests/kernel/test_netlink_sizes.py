@@ -19,8 +19,8 @@ import pytest
 
 from egressgw.datapath import keys, netlink, skeleton
 from egressgw.datapath.netlink import (
-    _NLMSGHDR,
     MAX_COMMENT_BYTES,
+    NLMSGHDR,
     BatchError,
     Change,
     Element,
@@ -148,7 +148,7 @@ def test_the_send_buffer_limit_is_what_the_module_says(sock: NftSocket) -> None:
     raw = sock._sock  # a NLMSG_NOOP without NLM_F_ACK: the kernel skips it silently
 
     def noop(length: int) -> bytes:
-        return _NLMSGHDR.pack(length, 1, 1, 0, 0) + bytes(length - _NLMSGHDR.size)
+        return NLMSGHDR.pack(length, 1, 1, 0, 0) + bytes(length - NLMSGHDR.size)
 
     raw.send(noop(sock.max_transaction_bytes))
     with pytest.raises(OSError) as refused:

@@ -22,12 +22,12 @@ from pyroute2.netlink.nfnetlink.nftsocket import nft_set_elem_list_msg
 
 from egressgw.datapath import keys
 from egressgw.datapath.netlink import (
-    _NLMSGHDR,
     MAX_COMMENT_BYTES,
     NETLINK_CAP_ACK,
     NFNL_MSG_BATCH_BEGIN,
     NFNL_MSG_BATCH_END,
     NLMSG_ERROR,
+    NLMSGHDR,
     SO_RCVBUFFORCE,
     SO_SNDBUFFORCE,
     SOL_NETLINK,
@@ -40,12 +40,12 @@ from egressgw.datapath.netlink import (
     TransactionTooLarge,
     _control,
     _decode_elements,
-    _messages,
     _plan,
     control_with_pyroute2,
     encode_change,
     encode_elements,
     encode_with_pyroute2,
+    messages,
 )
 from egressgw.datapath.state import Box, Learned
 
@@ -144,7 +144,7 @@ def identities(count: int, comment_bytes: int = 200, first: int = 1) -> Change:
 
 def elements_attribute_length(message: bytes) -> int:
     """The length field of NFTA_SET_ELEM_LIST_ELEMENTS, read from the raw message."""
-    offset = _NLMSGHDR.size + 4  # nfgenmsg
+    offset = NLMSGHDR.size + 4  # nfgenmsg
     while offset < len(message):
         length, kind = struct.unpack_from("=HH", message, offset)
         if kind & 0x3FFF == 3:
@@ -169,7 +169,7 @@ def test_a_large_change_is_cut_into_messages_whose_elements_fit_an_attribute(nam
     assert len(messages) > 1
     decoded: list[Element] = []
     for offset, message in enumerate(messages):
-        length, _kind, flags, seq, _pid = _NLMSGHDR.unpack_from(message)
+        length, _kind, flags, seq, _pid = NLMSGHDR.unpack_from(message)
         assert (length, seq) == (len(message), 100 + offset) and flags & NLM_F_ACK
         assert elements_attribute_length(message) < 65_536
         chunk = list(_decode_elements(message))
@@ -207,18 +207,18 @@ def test_transactions_keep_the_order_of_every_element_and_respect_the_limit() ->
     assert len(transactions) > 5
     carried: list[tuple[int, Element]] = []
     for transaction in transactions:
-        size = 40 + sum(_NLMSGHDR.size + len(message.body) for message in transaction)
+        size = 40 + sum(NLMSGHDR.size + len(message.body) for message in transaction)
         assert size <= limit
         for message in transaction:
             assert message.flags & NLM_F_ACK == 0
-            header = _NLMSGHDR.pack(_NLMSGHDR.size + len(message.body), message.kind, 1, 0, 0)
+            header = NLMSGHDR.pack(NLMSGHDR.size + len(message.body), message.kind, 1, 0, 0)
             elements = list(_decode_elements(header + message.body))
             assert elements == list(changes[message.change].elements[message.start : message.end])
             carried += [(message.change, element) for element in elements]
     assert carried == [(i, e) for i, change in enumerate(changes) for e in change.elements]
     # greedy: a transaction ends only when the next element would not fit in it
     for transaction, following in itertools.pairwise(transactions):
-        size = 40 + sum(_NLMSGHDR.size + len(message.body) for message in transaction)
+        size = 40 + sum(NLMSGHDR.size + len(message.body) for message in transaction)
         next_element = changes[following[0].change].elements[following[0].start]
         one = Change(Op.ADD, changes[following[0].change].set_name, (next_element,))
         smallest = len(encode_elements("egressgw", one, one.elements, 1))
@@ -275,7 +275,7 @@ class FakeNetfilter:
         if len(data) > self.sndbuf - 32:
             raise OSError(errno.EMSGSIZE, "Message too long")
         self.sent.append(data)
-        parsed = list(_messages(data))
+        parsed = list(messages(data))
         begin = parsed[0]
         assert begin[0] == NFNL_MSG_BATCH_BEGIN and parsed[-1][0] == NFNL_MSG_BATCH_END
         operations = []
@@ -306,8 +306,8 @@ class FakeNetfilter:
 
     @staticmethod
     def reply(seq: int, code: int, request: bytes) -> bytes:
-        body = struct.pack("=i", code) + request[: _NLMSGHDR.size]
-        return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), NLMSG_ERROR, 0x100, seq, 0) + body
+        body = struct.pack("=i", code) + request[: NLMSGHDR.size]
+        return NLMSGHDR.pack(NLMSGHDR.size + len(body), NLMSG_ERROR, 0x100, seq, 0) + body
 
     def recv_into(self, buffer: bytearray, nbytes: int = 0, flags: int = 0) -> int:
         if not self.replies:
@@ -351,7 +351,7 @@ def test_apply_sends_one_transaction_with_one_acknowledgement(fake: FakeNetfilte
     changes = [identities(400), Change(Op.ADD, "allow6_net", interval6(1000).elements)]
     assert sock.apply(changes) == 1400
     assert len(fake.sent) == 1
-    flags = [flags for _kind, flags, _seq, _raw in _messages(fake.sent[0])]
+    flags = [flags for _kind, flags, _seq, _raw in messages(fake.sent[0])]
     assert len(flags) > 4
     assert [f & NLM_F_ACK for f in flags[1:-1]] == [0] * (len(flags) - 3) + [NLM_F_ACK]
     assert len(fake.state["identities"]) == 400 and len(fake.state["allow6_net"]) == 1000
