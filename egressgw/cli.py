@@ -57,6 +57,7 @@ def _run(args: argparse.Namespace) -> int:
         grace_s=args.grace,
         program_timeout_s=args.program_timeout_ms / 1000,
         deny_rcode={"NXDOMAIN": NXDOMAIN, "REFUSED": REFUSED}[args.deny_rcode],
+        negative_ttl_s=args.negative_ttl,
         passthrough_domains=tuple(args.passthrough_domain),
         max_addresses_per_name=args.max_addresses_per_name,
         max_addresses_per_identity=args.max_addresses_per_identity,
@@ -227,6 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dns.add_argument("--min-ttl", type=positive_int, default=5, help="lowest TTL released (s)")
     dns.add_argument("--max-ttl", type=positive_int, default=3600, help="highest TTL released (s)")
+    dns.add_argument(
+        "--negative-ttl",
+        type=positive_int,
+        default=60,
+        metavar="SECONDS",
+        help="seconds downstream caches may keep the NXDOMAIN of a denied name: the TTL of the "
+        "SOA it carries (default: 60)",
+    )
     dns.add_argument(
         "--grace",
         type=positive_int,

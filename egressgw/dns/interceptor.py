@@ -4,8 +4,17 @@ In: a query's bytes and its source address. Out: the bytes to send back (or None
 For an allowed name the answer's addresses (CNAME chains followed) are programmed into the
 asking identity's allowed set, with a lifetime of the released TTL plus a grace period, before
 the answer leaves; if that fails or takes longer than ``program_timeout_s`` the client gets
-SERVFAIL instead. Denied names are answered here and never forwarded. It never raises on input:
-a packet it cannot parse gets FORMERR or is dropped.
+SERVFAIL instead. Denied names are answered here and never forwarded. It never raises on input.
+
+Answered here, never forwarded: denials (NXDOMAIN, with an SOA whose TTL is
+``negative_ttl_s`` so downstream caches keep it; or REFUSED); unknown sources (REFUSED); zone
+transfers and the obsolete mailbox queries (AXFR, IXFR, MAILB, MAILA: REFUSED, a workload has
+no use for them); names no policy can name, such as a label with a dot or a control character
+in it (denied, passthrough domains included); opcodes other than QUERY (NOTIMP); malformed
+queries (FORMERR). Each carries an OPT record if the query did. ANY is decided and forwarded
+like any other type: the policy governs names, not types, and RFC 8482 lets the upstream keep
+its answer small. A datagram that is not a query at all (shorter than a header, a response, or
+counts it cannot hold) gets no reply, so two servers cannot bounce errors at each other.
 
 The datapath call is synchronous: a netlink batch is processed by the kernel inside sendmsg, so
 it is bounded by the socket timeout, which is set to ``program_timeout_s``.
@@ -43,6 +52,7 @@ from egressgw.dns.names import NameDecision, NamePolicy
 from egressgw.dns.upstream import Upstream, UpstreamError
 from egressgw.dns.wire import (
     FORMERR,
+    HEADER,
     NOTIMP,
     NXDOMAIN,
     OPCODE_MASK,
@@ -51,11 +61,13 @@ from egressgw.dns.wire import (
     Question,
     WireError,
     local_response,
+    not_a_query,
     parse_question,
     truncated,
 )
 from egressgw.identity import Workload, WorkloadTable
 from egressgw.policy.decide import Verdict
+from egressgw.policy.fqdn import InvalidName, canonical_name
 
 log = logging.getLogger("egressgw.dns")
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -68,7 +80,9 @@ READY_LABELS = ("allow", "passthrough")  # the verdicts ``ready`` may repeat (au
 OUTCOMES = (
     *((label, "resolved") for label in (*READY_LABELS, "audit")),
     ("deny", "denied by policy"),
+    ("deny", "invalid name"),
     ("refused", "unknown source"),
+    ("refused", "query type not served"),
     ("servfail", "upstream failed"),
     ("servfail", "bad upstream answer"),
     ("servfail", "programming failed"),
@@ -77,9 +91,16 @@ OUTCOMES = (
     ("formerr", "malformed query"),
     ("notimp", "opcode not supported"),
     ("dropped", "rate limited"),
+    ("dropped", "shorter than a header"),
+    ("dropped", "not a query"),
+    ("dropped", "counts exceed the message"),
     ("error", "internal error"),
 )
 TYPE_NAMES = {1: "A", 28: "AAAA", 5: "CNAME", 15: "MX", 16: "TXT", 33: "SRV", 12: "PTR", 6: "SOA"}
+TYPE_NAMES.update({251: "IXFR", 252: "AXFR", 253: "MAILB", 254: "MAILA", 255: "ANY"})
+# Zone transfers and the obsolete mailbox meta-queries: refused here, before any upstream is asked
+NOT_SERVED_TYPES = frozenset((251, 252, 253, 254))
+_ESCAPED_BYTE = "a label holds a dot, a space or another byte that no policy can name"
 
 
 class Programmer(Protocol):
@@ -113,6 +134,7 @@ class DnsSettings:
     grace_s: int = 10  # kernel elements outlive the released TTL by this much
     program_timeout_s: float = 0.25
     deny_rcode: int = NXDOMAIN  # or REFUSED
+    negative_ttl_s: int = 60  # how long caches may keep a denial's NXDOMAIN (its SOA's TTL)
     passthrough_domains: tuple[str, ...] = ()
     max_addresses_per_name: int = 64
     max_addresses_per_identity: int = 4096
@@ -479,12 +501,7 @@ class Interceptor:
         try:
             question = parse_question(query)
         except WireError as exc:
-            self._count("formerr", "malformed query")
-            log.debug("dns: malformed query from %s: %s", source, exc)
-            try:
-                return local_response(query, None, FORMERR)
-            except WireError:
-                return None
+            return self._unreadable(query, source, exc)
         if question.flags & OPCODE_MASK:
             return self._local(query, question, NOTIMP, "notimp", "opcode not supported")
         deferred = self._decide(query, question, source, udp)
@@ -498,6 +515,21 @@ class Interceptor:
         self._cache_hit.inc()
         return self._release(deferred, answer, now)
 
+    def _unreadable(self, query: bytes, source: Source, exc: WireError) -> bytes | None:
+        """The answer to a datagram ``parse_question`` rejected: none if it is not a query at
+        all; NOTIMP if its opcode is not QUERY (whatever follows the header); else FORMERR."""
+        why = not_a_query(query)
+        if why is not None:
+            self._count("dropped", why)
+            log.debug("dns: no reply to a datagram from %s: %s", source, why)
+            return None
+        if HEADER.unpack_from(query)[1] & OPCODE_MASK:
+            self._count("notimp", "opcode not supported")
+            return local_response(query, None, NOTIMP)
+        self._count("formerr", "malformed query")
+        log.debug("dns: malformed query from %s: %s", source, exc)
+        return local_response(query, None, FORMERR)
+
     def _decide(
         self, query: bytes, question: Question, source: Source, udp: bool
     ) -> bytes | Deferred:
@@ -507,7 +539,17 @@ class Interceptor:
         if workload is None:
             self._log(None, source, question, "refused", "source is not a known workload", None)
             return self._local(query, question, REFUSED, "refused", "unknown source")
+        if question.qtype in NOT_SERVED_TYPES:
+            reason = f"query type {TYPE_NAMES[question.qtype]} is not served"
+            self._log(workload, source, question, "refused", reason, None)
+            return self._local(query, question, REFUSED, "refused", "query type not served")
+        if "\\" in question.name:  # an escaped byte (see wire): a name no policy can name
+            return self._invalid(query, question, workload, source, _ESCAPED_BYTE)
         if self._is_passthrough(question.name):
+            try:  # passthrough skips the policy, not the check that the name is one
+                canonical_name(question.name)
+            except InvalidName as exc:
+                return self._invalid(query, question, workload, source, str(exc))
             return Deferred(query, question, workload, None, udp, "passthrough", source, view.names)
         verdict = view.names.decide(workload.identity, question.name)
         if not verdict.allowed:
@@ -518,11 +560,18 @@ class Interceptor:
         return Deferred(query, question, workload, verdict, udp, label, source, view.names)
 
     # -- helpers --------------------------------------------------------------------------
+    def _invalid(
+        self, query: bytes, question: Question, workload: Workload, source: Source, why: str
+    ) -> bytes:
+        """Deny a name that is not one a policy could name: answered here, never forwarded."""
+        self._log(workload, source, question, "deny", f"not a valid DNS name: {why}", None)
+        return self._local(query, question, self.settings.deny_rcode, "deny", "invalid name")
+
     def _local(
         self, query: bytes, question: Question, rcode: int, verdict: str, reason: str
     ) -> bytes:
         self._count(verdict, reason)
-        return local_response(query, question, rcode)
+        return local_response(query, question, rcode, self.settings.negative_ttl_s)
 
     def _is_passthrough(self, name: str) -> bool:
         return name in self._passthrough or name.endswith(self._passthrough_suffixes)

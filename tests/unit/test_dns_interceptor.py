@@ -290,10 +290,14 @@ def test_rate_limit_drops_a_flood_from_one_source() -> None:
     assert sum(r is None for r in results) == 3
 
 
-def test_malformed_queries_get_formerr_or_are_dropped() -> None:
+def test_malformed_queries_get_formerr_and_what_is_no_query_is_dropped() -> None:
     env = Env()
     assert asyncio.run(env.interceptor.handle(b"\x01", str(API))) is None
-    raw = asyncio.run(env.interceptor.handle(b"\x12\x34\x01\x00\x00\x02\x00\x00", str(API)))
+    short = b"\x12\x34\x01\x00\x00\x02\x00\x00"  # shorter than a header: nothing to answer
+    assert asyncio.run(env.interceptor.handle(short, str(API))) is None
+    # a whole header and a question cut short after its name
+    cut = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x03abc\x00\x00"
+    raw = asyncio.run(env.interceptor.handle(cut, str(API)))
     assert raw is not None and raw[:2] == b"\x12\x34" and raw[3] & 0x0F == 1  # FORMERR
 
 
