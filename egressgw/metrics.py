@@ -84,6 +84,17 @@ DNS_UPSTREAM_SECONDS = Histogram(
 DNS_UPSTREAM_ERRORS = Counter(
     "egressgw_dns_upstream_errors_total", "Upstream tries that failed or timed out", ["upstream"]
 )
+DNS_UPSTREAM_DEMOTIONS = Counter(
+    "egressgw_dns_upstream_demotions_total",
+    "Times an upstream was demoted (asked after the others for a while), by the evidence: "
+    "unreachable (an ICMP error), timeouts (several names in a row), probe (a failed probe)",
+    ["upstream", "reason"],
+)
+DNS_UPSTREAM_PROBES = Counter(
+    "egressgw_dns_upstream_probes_total",
+    "Health probes of an upstream whose query timed out with no answer since, by result",
+    ["upstream", "result"],
+)
 DNS_PROGRAM_SECONDS = Histogram(
     "egressgw_dns_programming_duration_seconds",
     "Time to program an answer's addresses into the datapath",
