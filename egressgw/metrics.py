@@ -95,6 +95,22 @@ DNS_UPSTREAM_PROBES = Counter(
     "Health probes of an upstream whose query timed out with no answer since, by result",
     ["upstream", "result"],
 )
+DNS_TCP_CONNECTIONS = Gauge("egressgw_dns_tcp_connections", "Open DNS-over-TCP connections")
+DNS_TCP_CLOSED = Counter(
+    "egressgw_dns_tcp_closed_total",
+    "DNS-over-TCP connections the gateway closed, by reason: source limit (the source already "
+    "had the most connections allowed), write timeout (the client did not take a reply in "
+    "time), idle (nothing asked for the idle timeout)",
+    ["reason"],
+)
+DNS_TCP_CLOSE_REASONS = ("source limit", "write timeout", "idle")
+for _reason in DNS_TCP_CLOSE_REASONS:
+    DNS_TCP_CLOSED.labels(_reason)
+DNS_TCP_PIPELINE_FULL = Counter(
+    "egressgw_dns_tcp_pipeline_full_total",
+    "Times a DNS-over-TCP connection had the most queries in flight allowed, so its next "
+    "query was read only once one was answered",
+)
 DNS_PROGRAM_SECONDS = Histogram(
     "egressgw_dns_programming_duration_seconds",
     "Time to program an answer's addresses into the datapath",
