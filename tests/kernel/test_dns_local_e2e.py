@@ -7,10 +7,8 @@ the server gets no reply, and a denied EDNS query gets an OPT and an SOA caches 
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
 import struct
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,40 +17,22 @@ import pytest
 from dnslib import EDNS0, QTYPE, RCODE, DNSRecord
 
 from egressgw.dns.wire import EDNS_UDP_SIZE
-from tests.conftest import require
-from tests.kernel.test_dns_server import LOOPBACK, free_port, interceptor, serve
+from tests.kernel.test_dns_server import (
+    LOOPBACK,
+    PROBE,
+    dnsmasq_on_loopback,
+    interceptor,
+    serve,
+)
 
 WAIT_S = 3.0  # how long a client waits for an answer; also the bound of every polling loop
-PROBE = "ready.probe.invalid"  # asked of dnsmasq until it answers; left out of its query lines
 
 
 @pytest.fixture
 def upstream(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     """dnsmasq on a random loopback port, logging every query it receives."""
-    require(shutil.which("dnsmasq") is not None, "needs dnsmasq (Debian package dnsmasq-base)")
-    port = free_port()
-    log = tmp_path / "dnsmasq.log"
-    argv = [
-        "dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--bind-interfaces",
-        f"--listen-address={LOOPBACK}", f"--port={port}", "--user=root", "--group=root",
-        "--log-queries", f"--log-facility={log}",
-        "--host-record=db.test.example,203.0.113.10,60",
-    ]  # fmt: skip
-    proc = subprocess.Popen(argv, stderr=subprocess.PIPE)
-    try:
-        # ready once it answers, not once its log exists: under load it may not listen yet
-        deadline = time.monotonic() + WAIT_S
-        probe = bytes(DNSRecord.question(PROBE).pack())
-        while time.monotonic() < deadline:
-            try:
-                if exchange(port, probe, timeout=0.1) is not None:
-                    break
-            except ConnectionRefusedError:  # not listening yet
-                time.sleep(0.05)
-        yield port, log
-    finally:
-        proc.terminate()
-        proc.wait(timeout=5)
+    with dnsmasq_on_loopback(tmp_path, "--host-record=db.test.example,203.0.113.10,60") as running:
+        yield running
 
 
 def dotted_query(ident: int) -> bytes:

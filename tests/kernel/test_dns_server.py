@@ -14,6 +14,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -49,29 +50,57 @@ def free_port() -> int:
         return int(udp.getsockname()[1])
 
 
-@pytest.fixture
-def dnsmasq(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+PROBE = "ready.probe.invalid"  # asked of dnsmasq until it answers; tests leave its lines out
+
+
+@contextmanager
+def dnsmasq_on_loopback(directory: Path, *records: str) -> Iterator[tuple[int, Path]]:
+    """dnsmasq on a random loopback port with ``records`` (its options), logging every query;
+    (port, log), once it answers."""
     require(shutil.which("dnsmasq") is not None, "needs dnsmasq (Debian package dnsmasq-base)")
     port = free_port()
-    log = tmp_path / "dnsmasq.log"
-    hosts = tmp_path / "wide.hosts"
-    hosts.write_text("".join(f"203.0.113.{i} wide.test.example\n" for i in range(1, 61)))
+    log = directory / "dnsmasq.log"
     argv = [
         "dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--bind-interfaces",
         f"--listen-address={LOOPBACK}", f"--port={port}", "--user=root", "--group=root",
-        "--log-queries", f"--log-facility={log}", f"--addn-hosts={hosts}",
-        "--host-record=db.test.example,203.0.113.10,60",
-        "--cname=alias.test.example,db.test.example",
+        "--log-queries", f"--log-facility={log}", *records,
     ]  # fmt: skip
     proc = subprocess.Popen(argv, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and not log.exists():
-            time.sleep(0.05)
+        wait_until_answering(port)
         yield port, log
     finally:
         proc.terminate()
         proc.wait(timeout=5)
+
+
+def wait_until_answering(port: int, timeout_s: float = 5.0) -> None:
+    """Until dnsmasq answers on ``port``: under load its log exists before it listens."""
+    probe = bytes(DNSRecord.question(PROBE).pack())
+    deadline = time.monotonic() + timeout_s
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(0.1)
+        while time.monotonic() < deadline:
+            try:
+                sock.sendto(probe, (LOOPBACK, port))
+                sock.recv(512)
+                return
+            except (ConnectionRefusedError, TimeoutError):
+                time.sleep(0.05)
+    raise AssertionError(f"dnsmasq did not answer on port {port} within {timeout_s} s")
+
+
+@pytest.fixture
+def dnsmasq(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    hosts = tmp_path / "wide.hosts"
+    hosts.write_text("".join(f"203.0.113.{i} wide.test.example\n" for i in range(1, 61)))
+    with dnsmasq_on_loopback(
+        tmp_path,
+        f"--addn-hosts={hosts}",
+        "--host-record=db.test.example,203.0.113.10,60",
+        "--cname=alias.test.example,db.test.example",
+    ) as running:
+        yield running
 
 
 def interceptor(upstreams: list[tuple[str, int]], timeout_s: float = 0.5) -> Interceptor:
