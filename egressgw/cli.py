@@ -76,6 +76,8 @@ def _run(args: argparse.Namespace) -> int:
         netns=args.netns,
         node_name=args.node_name or "",
         netlink_buffer_bytes=args.netlink_buffer_bytes,
+        dns_tcp_per_source=args.dns_tcp_per_source,
+        dns_tcp_pipeline=args.dns_tcp_pipeline,
     )
     if args.kubernetes:
         return _run_kubernetes(args, settings)
@@ -235,6 +237,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="seconds downstream caches may keep the NXDOMAIN of a denied name: the TTL of the "
         "SOA it carries (default: 60)",
+    )
+    dns.add_argument(
+        "--dns-tcp-per-source",
+        type=positive_int,
+        default=16,
+        metavar="N",
+        help="DNS-over-TCP connections one source address may hold at once; one more is closed "
+        "at once (default: 16)",
+    )
+    dns.add_argument(
+        "--dns-tcp-pipeline",
+        type=positive_int,
+        default=16,
+        metavar="N",
+        help="queries of one DNS-over-TCP connection answered at once, each as it is ready "
+        "(default: 16)",
     )
     dns.add_argument(
         "--grace",

@@ -96,6 +96,8 @@ class Settings:
     netns: str | None = None  # tests: run the datapath inside this namespace
     node_name: str = ""  # how reports and metrics name this node; empty: the host name
     netlink_buffer_bytes: int = 32 * 1024 * 1024  # asked for the nftables socket, per direction
+    dns_tcp_per_source: int = 16  # DNS-over-TCP connections one source address may hold
+    dns_tcp_pipeline: int = 16  # queries in flight per DNS-over-TCP connection
 
 
 class Daemon:
@@ -438,7 +440,12 @@ class Daemon:
             await asyncio.to_thread(self.adopt)
             if self.interceptor is not None:
                 await self.interceptor.upstream.start()
-                dns = DnsServer(self.interceptor, list(self.settings.dns_listen))
+                dns = DnsServer(
+                    self.interceptor,
+                    list(self.settings.dns_listen),
+                    tcp_per_source=self.settings.dns_tcp_per_source,
+                    tcp_in_flight=self.settings.dns_tcp_pipeline,
+                )
                 await dns.start()
             self._spawn(self._follow_source(), "follow-source")
             self._spawn(self._follow_ownership(), "follow-ownership")
