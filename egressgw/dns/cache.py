@@ -2,8 +2,15 @@
 
 In: a parsed upstream response (made ready by ``prepare``: TTLs clamped, addresses capped, CNAME
 chain followed). Out: for a later query of the same question, the bytes to send, with the
-client's ID and question and every TTL lowered by the time spent in the cache, plus the addresses
-and their remaining lifetime so the caller programs them before it answers. Time is a parameter.
+client's ID, question and RD bit, its own OPT record or none, and every TTL lowered by the time
+spent in the cache, plus the addresses and their remaining lifetime so the caller programs them
+before it answers. Time is a parameter.
+
+What belongs to one exchange is never shared: the upstream's OPT record (its options, such as a
+DNS cookie or NSID, are for the client that asked) is taken out before an answer is stored, and
+an answer with an extended error (BADVERS, BADCOOKIE) or any rcode other than NOERROR and
+NXDOMAIN is served to its own asker only. A negative answer is kept no longer than its SOA says
+(RFC 2308: the lesser of the SOA's TTL and MINIMUM).
 """
 
 from __future__ import annotations
@@ -21,17 +28,22 @@ from egressgw.dns.wire import (
     NOERROR,
     NXDOMAIN,
     RCODE_MASK,
+    RD,
     TYPE_A,
     TYPE_AAAA,
     TYPE_CNAME,
     TYPE_OPT,
     Question,
+    Record,
+    opt_record,
     read_name,
     records,
 )
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _TTL = struct.Struct("!I")
+_COUNTS = struct.Struct("!HHHH")
+TYPE_SOA = 6
 CacheKey = tuple[str, int, int, bool, bool]
 
 
@@ -48,15 +60,21 @@ class Answer:
     stored_at: float
     capped: int = 0  # address records dropped by the per-name cap
     rcode: int = NOERROR
+    upstream_opt: bool = False  # ``wire`` keeps the upstream's OPT (an answer for its asker only)
 
     def served(self, question: Question, query: bytes, now: float) -> bytes:
-        """The answer for this client: its ID and question, TTLs lowered by the time cached."""
+        """The answer for this client: its ID, question and RD bit, its own OPT record (if it
+        sent one), TTLs lowered by the time cached."""
         elapsed = int(now - self.stored_at)
         out = bytearray(self.wire)
-        struct.pack_into("!H", out, 0, question.id)
+        flags = (out[2] << 8 | out[3]) & ~RD | question.flags & RD
+        struct.pack_into("!HH", out, 0, question.id, flags)
         out[HEADER.size : question.end] = query[HEADER.size : question.end]  # client's 0x20 case
         for offset, ttl in zip(self.ttl_offsets, self.ttls, strict=True):
             _TTL.pack_into(out, offset, max(0, ttl - elapsed))
+        if question.edns and not self.upstream_opt:
+            struct.pack_into("!H", out, 10, (out[10] << 8 | out[11]) + 1)
+            out += opt_record(question.dnssec_ok)
         return bytes(out)
 
 
@@ -104,29 +122,60 @@ def prepare(
             for r in found
             if r.section == 0 and r.name in chain and r.rtype in (TYPE_A, TYPE_AAAA)
         ]
+    rcode = struct.unpack_from("!H", response, 2)[0] & RCODE_MASK
+    response, upstream_opt = _without_opt(response, found)
     wire = bytearray(response)
     struct.pack_into("!H", wire, 0, 0)
-    offsets = [r.ttl_offset for r in found if r.rtype != TYPE_OPT]
-    ttls = [clamp(r.ttl, min_ttl, max_ttl) for r in found if r.rtype != TYPE_OPT]
+    kept = [r for r in found if r.rtype != TYPE_OPT]
+    offsets = [r.ttl_offset for r in kept]
+    ttls = [clamp(_negative_ttl(response, r), min_ttl, max_ttl) for r in kept]
     for offset, ttl in zip(offsets, ttls, strict=True):
         _TTL.pack_into(wire, offset, ttl)
     addresses = tuple(
         parse_address(response[r.rdata : r.rdata + r.rdlength]) for r in address_records
     )
     address_ttl = max((clamp(r.ttl, min_ttl, max_ttl) for r in address_records), default=0)
-    rcode = struct.unpack_from("!H", response, 2)[0] & RCODE_MASK
     cache_ttl = min(ttls) if ttls else min_ttl
+    shared = rcode in (NOERROR, NXDOMAIN) and not upstream_opt
     return Answer(
         wire=bytes(wire),
         ttl_offsets=tuple(offsets),
         ttls=tuple(ttls),
         addresses=addresses,
         address_ttl=address_ttl,
-        ttl=cache_ttl if rcode in (NOERROR, NXDOMAIN) else 0,
+        ttl=cache_ttl if shared else 0,
         stored_at=now,
         capped=capped,
         rcode=rcode,
+        upstream_opt=upstream_opt,
     )
+
+
+def _without_opt(response: bytes, found: list[Record]) -> tuple[bytes, bool]:
+    """The response without its OPT record, and whether it had to keep it: an extended error
+    (BADVERS, BADCOOKIE) lives in the OPT and is for the asker alone, and an OPT that is not the
+    last record is left where it is (such an answer is not shared either)."""
+    opts = [r for r in found if r.rtype == TYPE_OPT]
+    if not opts:
+        return response, False
+    opt = opts[-1]
+    if len(opts) > 1 or opt.ttl >> 24 or opt.rdata + opt.rdlength != len(response):
+        return response, True
+    start = opt.ttl_offset - 5  # the root name, type and class before the TTL
+    if start < HEADER.size or response[start] != 0:
+        return response, True
+    counts = list(_COUNTS.unpack_from(response, 4))
+    counts[3] -= 1
+    return response[:4] + _COUNTS.pack(*counts) + response[HEADER.size : start], False
+
+
+def _negative_ttl(response: bytes, record: Record) -> int:
+    """A record's TTL as a cache keeps it: for an SOA (which negative answers carry), the lesser
+    of its TTL and its MINIMUM field (RFC 2308 section 5)."""
+    if record.rtype != TYPE_SOA or record.rdlength < 20:
+        return record.ttl
+    minimum = int(_TTL.unpack_from(response, record.rdata + record.rdlength - 4)[0])
+    return min(record.ttl, minimum)
 
 
 def _keep_addresses(response: bytes, chain: set[str], limit: int) -> bytes:

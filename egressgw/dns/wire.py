@@ -236,6 +236,14 @@ def _opt_of(msg: bytes) -> int | None:
 
 _OPT = b"\x00" + _RR_FIXED.pack(TYPE_OPT, EDNS_UDP_SIZE, 0, 0)
 _OPT_DO = b"\x00" + _RR_FIXED.pack(TYPE_OPT, EDNS_UDP_SIZE, DO, 0)
+
+
+def opt_record(dnssec_ok: bool) -> bytes:
+    """The OPT record of an answer made for an EDNS query: this server's UDP size, the query's
+    DO bit, no options (an option belongs to the exchange it came with)."""
+    return _OPT_DO if dnssec_ok else _OPT
+
+
 # MNAME and RNAME of the synthesized SOA: under .invalid (RFC 6761), so nothing resolves them
 SOA_MNAME = "egressgw.invalid"
 SOA_RNAME = "hostmaster.egressgw.invalid"
