@@ -60,6 +60,7 @@ from egressgw.dns.wire import (
     SERVFAIL,
     Question,
     WireError,
+    badvers_response,
     local_response,
     not_a_query,
     parse_question,
@@ -90,6 +91,7 @@ OUTCOMES = (
     ("servfail", "policy changed"),
     ("formerr", "malformed query"),
     ("notimp", "opcode not supported"),
+    ("badvers", "EDNS version not supported"),
     ("dropped", "rate limited"),
     ("dropped", "shorter than a header"),
     ("dropped", "not a query"),
@@ -504,6 +506,9 @@ class Interceptor:
             return self._unreadable(query, source, exc)
         if question.flags & OPCODE_MASK:
             return self._local(query, question, NOTIMP, "notimp", "opcode not supported")
+        if question.edns_version:  # answered here, never from an answer cached for version 0
+            self._count("badvers", "EDNS version not supported")
+            return badvers_response(query, question)
         deferred = self._decide(query, question, source, udp)
         if not isinstance(deferred, Deferred):
             return deferred

@@ -64,6 +64,7 @@ class Question(NamedTuple):  # built per query: a tuple is the cheapest record t
     dnssec_ok: bool
     cache_key: CacheKey  # (name, type, class, DO, CD): what an answer may be shared by
     edns: bool = False  # the query carried an OPT record: so must every answer to it
+    edns_version: int = 0  # of that OPT record; only version 0 is spoken here
 
 
 def _escaped(byte: int) -> str:
@@ -176,7 +177,7 @@ def parse_question(msg: bytes) -> Question:
         raise WireError("truncated question")
     qtype, qclass = _TYPE_CLASS.unpack_from(msg, offset)
     end = offset + 4
-    udp_size, dnssec_ok, edns = PLAIN_UDP_SIZE, False, False
+    udp_size, dnssec_ok, edns, version = PLAIN_UDP_SIZE, False, False, 0
     if arcount and not ancount and not nscount:
         pos = end
         for _ in range(arcount):
@@ -190,11 +191,12 @@ def parse_question(msg: bytes) -> Question:
                 edns = True
                 udp_size = max(PLAIN_UDP_SIZE, rclass)
                 dnssec_ok = bool(ttl & DO)
+                version = (ttl >> 16) & 0xFF
             pos += _RR_FIXED.size + rdlength
             if pos > length:
                 raise WireError("truncated additional record")
     key = (name, qtype, qclass, dnssec_ok, bool(flags & CD))
-    return Question(ident, flags, name, qtype, qclass, end, udp_size, dnssec_ok, key, edns)
+    return Question(ident, flags, name, qtype, qclass, end, udp_size, dnssec_ok, key, edns, version)
 
 
 def not_a_query(msg: bytes) -> str | None:
@@ -293,6 +295,15 @@ def local_response(
     additional = (_OPT_DO if question.dnssec_ok else _OPT) if question.edns else b""
     header = HEADER.pack(question.id, flags, 1, 0, bool(authority), bool(additional))
     return header + query[HEADER.size : question.end] + authority + additional
+
+
+def badvers_response(query: bytes, question: Question) -> bytes:
+    """The answer to a query of an EDNS version this server does not speak (RFC 6891 6.1.3):
+    BADVERS (16: the OPT's extended rcode 1 over a header rcode 0), in an OPT of version 0."""
+    flags = QR | RA | (question.flags & (OPCODE_MASK | RD | CD))
+    ttl = 1 << 24 | (DO if question.dnssec_ok else 0)
+    opt = b"\x00" + _RR_FIXED.pack(TYPE_OPT, EDNS_UDP_SIZE, ttl, 0)
+    return HEADER.pack(question.id, flags, 1, 0, 0, 1) + query[HEADER.size : question.end] + opt
 
 
 _POINTER_TO_QUESTION = bytes((0xC0, HEADER.size))  # a compressed name at offset 12

@@ -296,3 +296,20 @@ def test_any_is_decided_by_name_like_other_types() -> None:
     assert env.ask("blocked.lab.example", "ANY").header.rcode == RCODE.NXDOMAIN
     env.ask("db.lab.example", "ANY")
     assert env.upstream.asked["db.lab.example"] == 1  # allowed: the upstream answers it
+
+
+def test_a_query_of_an_edns_version_not_spoken_here_gets_badvers_even_with_a_cached_answer() -> (
+    None
+):
+    env = Env()
+    env.ask("db.lab.example")  # cached for version 0
+    record = DNSRecord.question("db.lab.example")
+    record.add_ar(EDNS0(udp_len=4096, version=1))
+    asked = env.upstream.asked["db.lab.example"]
+    raw = asyncio.run(env.interceptor.handle(bytes(record.pack()), str(API)))
+    assert raw is not None
+    reply = DNSRecord.parse(raw)
+    (opt,) = [rr for rr in reply.ar if rr.rtype == QTYPE.OPT]
+    assert (reply.header.rcode, opt.ttl >> 24, (opt.ttl >> 16) & 0xFF) == (RCODE.NOERROR, 1, 0)
+    assert reply.rr == []
+    assert env.upstream.asked["db.lab.example"] == asked  # not forwarded either
