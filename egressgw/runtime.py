@@ -24,9 +24,10 @@ from aiohttp import web
 from egressgw import metrics
 from egressgw.datapath.addresses import UplinkAddresses
 from egressgw.datapath.kernel import NftDatapath
+from egressgw.datapath.netlink import SOCKET_BUFFER_BYTES
 from egressgw.dns.interceptor import DnsSettings, Interceptor, PolicyView
 from egressgw.dns.names import NamePolicy
-from egressgw.dns.server import DnsServer
+from egressgw.dns.server import TCP_IN_FLIGHT, TCP_PER_SOURCE, DnsServer
 from egressgw.dns.upstream import Upstream
 from egressgw.explain import Explanation, Query, explain
 from egressgw.identity import IdentityRegistry, IPAddress, WorkloadTable
@@ -95,9 +96,9 @@ class Settings:
     dns: DnsSettings = field(default_factory=DnsSettings)
     netns: str | None = None  # tests: run the datapath inside this namespace
     node_name: str = ""  # how reports and metrics name this node; empty: the host name
-    netlink_buffer_bytes: int = 32 * 1024 * 1024  # asked for the nftables socket, per direction
-    dns_tcp_per_source: int = 16  # DNS-over-TCP connections one source address may hold
-    dns_tcp_pipeline: int = 16  # queries in flight per DNS-over-TCP connection
+    netlink_buffer_bytes: int = SOCKET_BUFFER_BYTES  # asked for the nftables socket, per direction
+    dns_tcp_per_source: int = TCP_PER_SOURCE  # DNS-over-TCP connections one source may hold
+    dns_tcp_pipeline: int = TCP_IN_FLIGHT  # queries in flight per DNS-over-TCP connection
 
 
 class Daemon:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from egressgw.datapath import keys, skeleton
 from egressgw.datapath.netlink import (
+    SOCKET_BUFFER_BYTES,
     Change,
     Element,
     NftSocket,
@@ -121,7 +122,7 @@ class NftDatapath:
         uplink: str,
         netns: str | None = None,
         clock: Clock = time.monotonic,
-        buffer_bytes: int = 32 * 1024 * 1024,
+        buffer_bytes: int = SOCKET_BUFFER_BYTES,
     ) -> None:
         self.table = table
         self.buffer_bytes = buffer_bytes

@@ -72,7 +72,7 @@ NLMSGHDR = struct.Struct("=IHHII")
 # The NFTA_SET_ELEM_LIST_ELEMENTS attribute of one message, header included: its length field is
 # 16 bits (at most 65,535), kept 1.5 KB below that.
 _MAX_ELEMENTS_BYTES = 64_000
-_SOCKET_BUFFER_BYTES = 32 * 1024 * 1024
+SOCKET_BUFFER_BYTES = 32 * 1024 * 1024
 _SNDBUF_RESERVE = 32  # netlink_sendmsg: a datagram longer than sk_sndbuf - 32 gets EMSGSIZE
 _USERDATA_MAX = 254  # the most user data the kernel keeps with an element (module docstring)
 MAX_COMMENT_BYTES = _USERDATA_MAX - 2 - 1  # less the type and length bytes and the NUL
@@ -398,7 +398,7 @@ class NftSocket:
     def __init__(
         self,
         table: str,
-        buffer_bytes: int = _SOCKET_BUFFER_BYTES,
+        buffer_bytes: int = SOCKET_BUFFER_BYTES,
         *,
         sock: socket.socket | None = None,
     ) -> None:

@@ -272,6 +272,11 @@ def _soa(query: bytes, question: Question, ttl: int) -> bytes:
     return owner + _RR_FIXED.pack(TYPE_SOA, rclass, ttl, len(rdata)) + rdata
 
 
+def _answer_flags(question: Question) -> int:
+    """The header flags of an answer made here: QR and RA, the query's opcode, RD and CD."""
+    return QR | RA | (question.flags & (OPCODE_MASK | RD | CD))
+
+
 def local_response(
     query: bytes, question: Question | None, rcode: int, negative_ttl: int | None = None
 ) -> bytes:
@@ -287,12 +292,12 @@ def local_response(
         flags = QR | (flags & (OPCODE_MASK | RD)) | rcode
         if do is None:
             return HEADER.pack(ident, flags, 0, 0, 0, 0)
-        return HEADER.pack(ident, flags, 0, 0, 0, 1) + (_OPT_DO if do else _OPT)
-    flags = QR | RA | (question.flags & (OPCODE_MASK | RD | CD)) | rcode
+        return HEADER.pack(ident, flags, 0, 0, 0, 1) + opt_record(bool(do))
+    flags = _answer_flags(question) | rcode
     authority = b""
     if rcode == NXDOMAIN and negative_ttl is not None:
         authority = _soa(query, question, negative_ttl)
-    additional = (_OPT_DO if question.dnssec_ok else _OPT) if question.edns else b""
+    additional = opt_record(question.dnssec_ok) if question.edns else b""
     header = HEADER.pack(question.id, flags, 1, 0, bool(authority), bool(additional))
     return header + query[HEADER.size : question.end] + authority + additional
 
@@ -300,7 +305,7 @@ def local_response(
 def badvers_response(query: bytes, question: Question) -> bytes:
     """The answer to a query of an EDNS version this server does not speak (RFC 6891 6.1.3):
     BADVERS (16: the OPT's extended rcode 1 over a header rcode 0), in an OPT of version 0."""
-    flags = QR | RA | (question.flags & (OPCODE_MASK | RD | CD))
+    flags = _answer_flags(question)
     ttl = 1 << 24 | (DO if question.dnssec_ok else 0)
     opt = b"\x00" + _RR_FIXED.pack(TYPE_OPT, EDNS_UDP_SIZE, ttl, 0)
     return HEADER.pack(question.id, flags, 1, 0, 0, 1) + query[HEADER.size : question.end] + opt
@@ -353,6 +358,6 @@ def records(msg: bytes, question_name: str | None = None) -> list[Record]:
 def truncated(response: bytes, question: Question, query: bytes) -> bytes:
     """The TC answer a UDP client gets when the full answer does not fit its buffer."""
     _id, flags, *_ = HEADER.unpack_from(response)
-    additional = (_OPT_DO if question.dnssec_ok else _OPT) if question.edns else b""
+    additional = opt_record(question.dnssec_ok) if question.edns else b""
     header = HEADER.pack(question.id, flags | TC, 1, 0, 0, bool(additional))
     return header + query[HEADER.size : question.end] + additional
