@@ -33,6 +33,7 @@ from egressgw.dns.wire import (
     TYPE_AAAA,
     TYPE_CNAME,
     TYPE_OPT,
+    CacheKey,
     Question,
     Record,
     opt_record,
@@ -44,7 +45,6 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _TTL = struct.Struct("!I")
 _COUNTS = struct.Struct("!HHHH")
 TYPE_SOA = 6
-CacheKey = tuple[str, int, int, bool, bool]
 
 
 @dataclass(frozen=True, slots=True)

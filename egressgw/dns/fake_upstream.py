@@ -19,6 +19,7 @@ class FakeUpstream:
     def __init__(self, zone: str = "") -> None:
         self.records = RR.fromZone(zone) if zone.strip() else []
         self.asked: Counter[str] = Counter()
+        self.queries: list[bytes] = []  # as they reached the upstream
         self.fail = False
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -33,6 +34,7 @@ class FakeUpstream:
 
     async def resolve(self, question: Question, query: bytes) -> bytes:
         self.asked[question.name] += 1
+        self.queries.append(query)
         if self.fail:
             raise UpstreamError("every upstream failed: fake: timed out")
         request = DNSRecord.parse(query)

@@ -13,8 +13,12 @@ no use for them); names no policy can name, such as a label with a dot or a cont
 in it (denied, passthrough domains included); opcodes other than QUERY (NOTIMP); malformed
 queries (FORMERR). Each carries an OPT record if the query did. ANY is decided and forwarded
 like any other type: the policy governs names, not types, and RFC 8482 lets the upstream keep
-its answer small. A datagram that is not a query at all (shorter than a header, a response, or
-counts it cannot hold) gets no reply, so two servers cannot bounce errors at each other.
+its answer small. The upstream is asked the question alone, with an OPT record of the
+gateway's own for an EDNS query (``wire.forwarded``): a client's EDNS options (a cookie, a
+client subnet) never reach it, so no answer is tailored to one client and every cached answer
+may be shared by the clients with its cache key. A datagram that is not a query at all
+(shorter than a header, a response, or counts it cannot hold) gets no reply, so two servers
+cannot bounce errors at each other.
 
 The datapath call is synchronous: a netlink batch is processed by the kernel inside sendmsg, so
 it is bounded by the socket timeout, which is set to ``program_timeout_s``.
@@ -61,6 +65,7 @@ from egressgw.dns.wire import (
     Question,
     WireError,
     badvers_response,
+    forwarded,
     local_response,
     not_a_query,
     parse_question,
@@ -483,7 +488,7 @@ class Interceptor:
             reply(response)
 
         try:
-            self.upstream.ask(deferred.question, deferred.query, done)
+            self.upstream.ask(deferred.question, forwarded(deferred.query, deferred.question), done)
         except Exception:
             reply(self._internal_error(deferred.query, None))
 
@@ -583,7 +588,7 @@ class Interceptor:
 
     async def _resolve(self, d: Deferred) -> bytes:
         try:
-            raw = await self.upstream.resolve(d.question, d.query)
+            raw = await self.upstream.resolve(d.question, forwarded(d.query, d.question))
         except UpstreamError as exc:
             return self._answered(d, exc)
         return self._answered(d, raw)

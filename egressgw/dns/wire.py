@@ -30,6 +30,7 @@ AA = 0x0400
 TC = 0x0200
 RD = 0x0100
 RA = 0x0080
+AD = 0x0020
 CD = 0x0010
 RCODE_MASK = 0x000F
 NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
@@ -50,7 +51,10 @@ class WireError(ValueError):
     pass
 
 
-CacheKey = tuple[str, int, int, bool, bool]
+# (name, type, class, DO, the query's CD and AD flags): what an answer may be shared by; the
+# flags a resolver's answer depends on (RFC 6840 5.7, 5.9), and nothing else of the query's
+# goes upstream (``forwarded``)
+CacheKey = tuple[str, int, int, bool, int]
 
 
 class Question(NamedTuple):  # built per query: a tuple is the cheapest record to build
@@ -62,7 +66,7 @@ class Question(NamedTuple):  # built per query: a tuple is the cheapest record t
     end: int  # offset just past the question
     udp_size: int  # what the client accepts over UDP (EDNS0, else 512)
     dnssec_ok: bool
-    cache_key: CacheKey  # (name, type, class, DO, CD): what an answer may be shared by
+    cache_key: CacheKey
     edns: bool = False  # the query carried an OPT record: so must every answer to it
     edns_version: int = 0  # of that OPT record; only version 0 is spoken here
 
@@ -195,7 +199,7 @@ def parse_question(msg: bytes) -> Question:
             pos += _RR_FIXED.size + rdlength
             if pos > length:
                 raise WireError("truncated additional record")
-    key = (name, qtype, qclass, dnssec_ok, bool(flags & CD))
+    key = (name, qtype, qclass, dnssec_ok, flags & (CD | AD))
     return Question(ident, flags, name, qtype, qclass, end, udp_size, dnssec_ok, key, edns, version)
 
 
@@ -244,6 +248,18 @@ def opt_record(dnssec_ok: bool) -> bytes:
     """The OPT record of an answer made for an EDNS query: this server's UDP size, the query's
     DO bit, no options (an option belongs to the exchange it came with)."""
     return _OPT_DO if dnssec_ok else _OPT
+
+
+def forwarded(query: bytes, question: Question) -> bytes:
+    """What the upstream is asked for a query: its ID, opcode, RD, CD and AD flags and its
+    question as sent, and nothing after it but, for an EDNS query, an OPT record of this
+    server's (version 0, the query's DO bit, no options). A client's options (a cookie, a
+    client subnet, anything unknown) and other records never leave the gateway: every answer
+    the upstream gives is one that any client with the same cache key may share."""
+    flags = question.flags & (OPCODE_MASK | RD | CD | AD)
+    additional = opt_record(question.dnssec_ok) if question.edns else b""
+    header = HEADER.pack(question.id, flags, 1, 0, 0, bool(additional))
+    return header + query[HEADER.size : question.end] + additional
 
 
 # MNAME and RNAME of the synthesized SOA: under .invalid (RFC 6761), so nothing resolves them

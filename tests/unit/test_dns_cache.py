@@ -111,3 +111,13 @@ def test_a_negative_answer_is_kept_no_longer_than_its_soa_says() -> None:
     assert answer.ttl == 30  # MINIMUM, not the SOA record's 900
     served = DNSRecord.parse(answer.served(parse_question(asked), asked, NOW + 10))
     assert served.header.rcode == RCODE.NXDOMAIN and served.auth[0].ttl == 20
+
+
+def test_an_answer_asked_with_ad_or_cd_is_not_shared_with_a_query_without() -> None:
+    plain = DNSRecord.question("db.example")
+    flagged = DNSRecord.question("db.example")
+    flagged.header.ad = 1
+    checking_disabled = DNSRecord.question("db.example")
+    checking_disabled.header.cd = 1
+    keys = {parse_question(bytes(r.pack())).cache_key for r in (plain, flagged, checking_disabled)}
+    assert len(keys) == 3  # a validating upstream's AD bit, or an unvalidated answer, stays apart

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from dnslib import EDNS0, QTYPE, RCODE, RR, DNSRecord
+from dnslib import EDNS0, QTYPE, RCODE, RR, DNSRecord, EDNSOption
 from prometheus_client import REGISTRY
 
 from egressgw import runtime
@@ -313,3 +313,37 @@ def test_a_query_of_an_edns_version_not_spoken_here_gets_badvers_even_with_a_cac
     assert (reply.header.rcode, opt.ttl >> 24, (opt.ttl >> 16) & 0xFF) == (RCODE.NOERROR, 1, 0)
     assert reply.rr == []
     assert env.upstream.asked["db.lab.example"] == asked  # not forwarded either
+
+
+ECS = EDNSOption(8, bytes.fromhex("00011800c63364"))  # 198.51.100.0/24
+CLIENT_COOKIE = EDNSOption(10, bytes(range(8)))
+UNKNOWN_OPTION = EDNSOption(65001, b"garbage")
+
+
+@pytest.mark.parametrize("do", [False, True])
+def test_a_clients_edns_options_never_reach_the_upstream(do: bool) -> None:
+    env = Env()
+    record = DNSRecord.question("db.lab.example")
+    record.add_ar(
+        EDNS0(udp_len=4096, flags="do" if do else "", opts=[ECS, CLIENT_COOKIE, UNKNOWN_OPTION])
+    )
+    reply = ask(env, bytes(record.pack()))
+    assert reply.header.rcode == RCODE.NOERROR and addresses(reply) == ["203.0.113.10"]
+    (sent,) = env.upstream.queries
+    upstream = DNSRecord.parse(sent)
+    (opt,) = upstream.ar  # the gateway's own OPT: its size, the client's DO, no options
+    assert opt.rtype == QTYPE.OPT and opt.rclass == EDNS_UDP_SIZE and opt.rdata == []
+    assert bool(opt.ttl & 0x8000) == do
+    assert str(upstream.q.qname) == "db.lab.example."
+    # so the answer is one any client may share: a second client with another subnet gets it
+    # from the cache, with its own OPT and no options
+    again = ask(env, bytes(record.pack()))
+    assert addresses(again) == ["203.0.113.10"] and len(env.upstream.queries) == 1
+    assert [rr.rdata for rr in again.ar if rr.rtype == QTYPE.OPT] == [[]]
+
+
+def test_a_query_without_edns_goes_upstream_without_one() -> None:
+    env = Env()
+    ask(env, raw_query([b"db", b"lab", b"example"]))
+    (sent,) = env.upstream.queries
+    assert DNSRecord.parse(sent).ar == []
