@@ -130,6 +130,16 @@ DNS_DENIALS = Counter(
     "DNS queries denied by policy or refused (unknown source: namespace empty), by namespace",
     ["namespace"],
 )
+DNS_REMEMBERED = Gauge(
+    "egressgw_dns_remembered",
+    "What the DNS path holds in memory, by kind: answers (the answer cache), replies (ready "
+    "replies to repeated queries), programmed (answers known to be programmed per identity), "
+    "learned (addresses counted against the per-identity cap), sources (rate-limited sources), "
+    "decisions (names decided per identity, kept while they are asked); "
+    "updated when expired entries are dropped",
+    ["kind"],
+)
+REMEMBERED_KINDS = ("answers", "replies", "programmed", "learned", "sources", "decisions")
 DNS_ADDRESS_CAPS = Gauge(
     "egressgw_dns_address_cap",
     "Configured address caps (per name: records kept per answer; per identity: learned addresses)",

@@ -389,6 +389,8 @@ class Daemon:
         while True:
             await asyncio.sleep(HOUSEKEEPING_INTERVAL_S)
             self.datapath.forget_expired()
+            if self.interceptor is not None:
+                self.interceptor.forget_expired()
 
     async def _collect_young(self) -> None:
         """Answers and decisions the DNS path caches between applies are long-lived too. A

@@ -15,6 +15,7 @@ NXDOMAIN is served to its own asker only. A negative answer is kept no longer th
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
 import struct
 from dataclasses import dataclass
@@ -193,8 +194,12 @@ def _keep_addresses(response: bytes, chain: set[str], limit: int) -> bytes:
 
 
 class AnswerCache:
+    """Answers by cache key, least recently used evicted at ``maxsize``; an expired answer is
+    dropped when it is next asked for, or by ``forget_expired``, which costs what expired."""
+
     def __init__(self, maxsize: int = 65536) -> None:
         self._entries: LRUCache[CacheKey, Answer] = LRUCache(maxsize=maxsize)
+        self._expiries: list[tuple[float, CacheKey, float]] = []  # (expiry, key, stored_at)
 
     def get(self, key: CacheKey, now: float) -> Answer | None:
         answer = self._entries.get(key)
@@ -208,6 +213,21 @@ class AnswerCache:
     def put(self, key: CacheKey, answer: Answer) -> None:
         if answer.ttl > 0:
             self._entries[key] = answer
+            heapq.heappush(self._expiries, (answer.stored_at + answer.ttl, key, answer.stored_at))
+
+    def forget_expired(self, now: float) -> int:
+        """Drop the answers that expired by ``now``; how many."""
+        heap, entries, dropped = self._expiries, self._entries, 0
+        while heap and heap[0][0] <= now:
+            _expiry, key, stored_at = heapq.heappop(heap)
+            answer = entries.get(key)
+            if answer is not None and answer.stored_at == stored_at:  # not replaced since
+                del entries[key]
+                dropped += 1
+        if len(heap) > 2 * len(entries) + 1024:  # mostly evicted or replaced: start over
+            self._expiries = [(a.stored_at + a.ttl, k, a.stored_at) for k, a in entries.items()]
+            heapq.heapify(self._expiries)
+        return dropped
 
     def __len__(self) -> int:
         return len(self._entries)

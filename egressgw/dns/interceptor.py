@@ -268,6 +268,22 @@ class _Budget:
             heapq.heapify(heap)
         return evicted
 
+    def forget_expired(self, now: float) -> int:
+        """Forget addresses whose elements the kernel has expired by ``now``; how many."""
+        dropped = 0
+        for identity, heap in list(self.heaps.items()):
+            known = self.known.get(identity, {})
+            while heap and heap[0][0] <= now:
+                expiry, key = heapq.heappop(heap)
+                entry = known.get(key)
+                if entry is not None and entry[0] == expiry:  # not refreshed since
+                    del known[key]
+                    dropped += 1
+            if not known:
+                del self.heaps[identity]
+                self.known.pop(identity, None)
+        return dropped
+
     def retain(self, identities: Iterable[int]) -> None:
         """Forget identities that no longer exist."""
         keep = set(identities)
@@ -294,6 +310,16 @@ class _RateLimiter:
         self.tolerance = burst * self.interval * (1 + 1e-9)  # sums of intervals round up
         self.max_sources = max_sources
         self._paid_until: dict[Source, float] = {}
+
+    @property
+    def tracked(self) -> int:
+        return len(self._paid_until)
+
+    def forget_paid(self, now: float) -> int:
+        """Forget the sources that owe nothing by ``now``; how many."""
+        before = len(self._paid_until)
+        self._paid_until = {k: t for k, t in self._paid_until.items() if t > now}
+        return before - len(self._paid_until)
 
     def allow(self, source: Source, now: float) -> bool:
         paid_until = self._paid_until.get(source)
@@ -335,6 +361,7 @@ class Interceptor:
         # (identity, question, answer stored_at) -> until when its addresses are programmed:
         # a cache hit that is already covered costs one dict look-up, no element encoding.
         self._programmed: dict[tuple[int, tuple[object, ...], float], float] = {}
+        self._programmed_expiries: list[tuple[float, tuple[int, tuple[object, ...], float]]] = []
         # (source, UDP query without its ID) -> (until when, reply without its ID): a repeated
         # query is answered from here with no parsing and no decision, as long as nothing it
         # depended on can have changed. Filled only after the answer's addresses were programmed
@@ -419,6 +446,48 @@ class Interceptor:
             if not same(entry[3]) or getattr(lookup(source), "identity", None) != entry[3]
         ]:
             del self._replies[rkey]
+
+    def forget_expired(self) -> int:
+        """Drop what is remembered past its life: expired answers, replies, programmed-answer
+        memos, learned addresses the kernel has expired, sources the rate limit no longer
+        holds anything against, name decisions not asked for since the last call. Costs what
+        expired, not what is remembered (but the replies, which live a second each). Returns
+        how many entries were dropped; run on the loop's thread, now and then, so that memory
+        follows the traffic down as well as up."""
+        now = self.clock()
+        dropped = self.cache.forget_expired(now)
+        heap, programmed = self._programmed_expiries, self._programmed
+        while heap and heap[0][0] <= now:
+            needed, key = heapq.heappop(heap)
+            if programmed.get(key) == needed:
+                del programmed[key]
+                dropped += 1
+        if len(heap) > 2 * len(programmed) + 1024:
+            heap[:] = [(needed, key) for key, needed in programmed.items()]
+            heapq.heapify(heap)
+        replies = self._replies
+        live = {key: entry for key, entry in replies.items() if entry[0] > now}
+        dropped += len(replies) - len(live)
+        self._replies = live
+        dropped += self._budget.forget_expired(now)
+        dropped += self._limiter.forget_paid(now)
+        self.view.names.forget_unused()
+        for identity in [i for i, t in self._cap_logged.items() if now - t >= CAP_LOG_INTERVAL_S]:
+            del self._cap_logged[identity]
+        for kind, held in self.remembered().items():
+            metrics.DNS_REMEMBERED.labels(kind).set(held)
+        return dropped
+
+    def remembered(self) -> dict[str, int]:
+        """How many entries each memory holds (``metrics.REMEMBERED_KINDS``)."""
+        return {
+            "answers": len(self.cache),
+            "replies": len(self._replies),
+            "programmed": len(self._programmed),
+            "learned": sum(map(len, self._budget.known.values())),
+            "sources": self._limiter.tracked,
+            "decisions": self.view.names.remembered,
+        }
 
     def flush_counts(self) -> None:
         """Add the replies given by ``ready`` to the metrics (the server calls this after each
@@ -682,7 +751,9 @@ class Interceptor:
             return False
         if len(self._programmed) > 4 * self.settings.cache_size:
             self._programmed.clear()
+            self._programmed_expiries.clear()
         self._programmed[key] = needed
+        heapq.heappush(self._programmed_expiries, (needed, key))
         return True
 
     def _program(

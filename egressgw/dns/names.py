@@ -108,7 +108,11 @@ class NamePolicy:
             for identity, sel in identities.items()
         }
         self._cache_size = cache_size
-        self._cache: dict[tuple[int, str], NameDecision] = {}  # emptied when full
+        # decisions by (identity, name) in two generations: ``forget_unused`` (or a full
+        # ``_cache``) makes the young one old, and a name asked again moves back; a name not
+        # asked for a whole generation is forgotten, so a flood of one-off names leaves nothing
+        self._cache: dict[tuple[int, str], NameDecision] = {}
+        self._older: dict[tuple[int, str], NameDecision] = {}
         # Names under one pattern share one decision object: unique names then leave nothing
         # behind for the collector but the cache's key.
         self._decisions: dict[NameDecision, NameDecision] = {}
@@ -137,14 +141,25 @@ class NamePolicy:
         key = (identity, name)
         found = self._cache.get(key)
         if found is None:
-            found = self._decide(identity, name)
+            found = self._older.pop(key, None)
+            if found is None:
+                decided = self._decide(identity, name)
+                found = self._decisions.setdefault(decided, decided)
             if len(self._cache) >= self._cache_size:
-                self._cache.clear()
-                self._decisions.clear()
-                self._by_peers.clear()
-            found = self._decisions.setdefault(found, found)
+                self.forget_unused()
             self._cache[key] = found
         return found
+
+    def forget_unused(self) -> None:
+        """Start a new generation of remembered decisions: those not asked for since the last
+        call are dropped."""
+        self._older, self._cache = self._cache, {}
+        self._decisions.clear()
+        self._by_peers.clear()
+
+    @property
+    def remembered(self) -> int:
+        return len(self._cache) + len(self._older)
 
     def _decide(self, identity: int, name: str) -> NameDecision:
         selection = self._identities.get(identity)

@@ -19,6 +19,7 @@ from egressgw.dns.names import NamePolicy
 from egressgw.dns.upstream import Upstream
 from egressgw.dns.wire import REFUSED
 from egressgw.identity import IdentityRegistry
+from egressgw.metrics import REMEMBERED_KINDS
 from egressgw.plan import build
 from egressgw.policy.model import (
     Action,
@@ -555,3 +556,23 @@ def test_each_learned_element_records_the_name_that_opened_it() -> None:
         "203.0.113.20": {"alias.lab.example"},
         "203.0.113.10": {"db.lab.example"},
     }
+
+
+def test_what_the_dns_path_remembers_is_dropped_once_it_expired() -> None:
+    env = Env()
+    for _ in range(2):
+        assert addresses(env.ask("db.lab.example")) == ["203.0.113.10"]
+        assert addresses(env.ask("web.lab.example", source=API)) == []  # denied: not remembered
+    held = env.interceptor.remembered()
+    assert held["answers"] == 1 and held["learned"] == 1 and held["sources"] == 1
+    assert held["programmed"] == 1 and held["replies"] >= 1
+    env.clock.now += 30  # within the TTL: nothing is dropped
+    assert env.interceptor.forget_expired() == 2  # but the replies (a second) and the source
+    assert env.interceptor.remembered()["answers"] == 1
+    env.clock.now += 60 + 10 + 2  # past the TTL, the grace period and the whole second
+    env.interceptor.forget_expired()
+    assert env.interceptor.remembered() == dict.fromkeys(REMEMBERED_KINDS, 0)
+    sample = REGISTRY.get_sample_value("egressgw_dns_remembered", {"kind": "answers"})
+    assert sample == 0
+    assert addresses(env.ask("db.lab.example")) == ["203.0.113.10"]  # asked upstream again
+    assert env.upstream.asked["db.lab.example"] == 2

@@ -130,3 +130,26 @@ def test_a_deny_rule_carves_its_ports_out_of_what_an_allowed_name_opens() -> Non
         (6, 8101, 65535),
         (132, 0, 65535),
     )
+
+
+def test_a_flood_of_one_off_names_is_forgotten_and_names_in_use_are_kept() -> None:
+    names = NamePolicy(IDENTITIES)
+    in_use = names.decide(1, "db.example.com")
+    for generation in range(3):
+        for n in range(1000):
+            assert names.decide(1, f"n{generation}-{n}.denied.invalid").decision.verdict is (
+                Verdict.DENY
+            )
+        assert names.decide(1, "db.example.com") is in_use  # asked in every generation
+        names.forget_unused()
+    assert names.remembered == 1001  # the last generation's one-off names and the one in use
+    names.forget_unused()
+    assert names.remembered == 0
+    assert names.decide(1, "db.example.com") == in_use  # decided again, alike
+
+
+def test_a_full_generation_starts_the_next_one() -> None:
+    names = NamePolicy(IDENTITIES, cache_size=100)
+    for n in range(1000):
+        names.decide(1, f"n{n}.example.com")
+    assert names.remembered <= 200
