@@ -256,6 +256,14 @@ class _Tcp:
         self.writer.transport.abort()
 
 
+def _untie(transport: asyncio.BaseTransport) -> None:
+    """Break the cycle a socket transport makes with itself (it keeps its own bound method as
+    its read callback), once the connection is over. Left to the cyclic collector, a transport
+    that was alive at one of the daemon's freezes of the collector would never be freed."""
+    if hasattr(transport, "_read_ready_cb"):
+        transport._read_ready_cb = None
+
+
 TCP_PER_SOURCE = 16  # connections from one address at once (RFC 7766 leaves the number open)
 TCP_IN_FLIGHT = 16  # queries answered at once on one connection
 TCP_CONNECTIONS = metrics.DNS_TCP_CONNECTIONS
@@ -305,6 +313,7 @@ class DnsServer:
         try:
             await connection.serve()
         finally:
+            _untie(writer.transport)
             del self._connections[connection]
             TCP_CONNECTIONS.dec()
             left = self._sources[source] - 1

@@ -39,6 +39,7 @@ from egressgw.policy.model import (
     Protocol,
     Snapshot,
 )
+from tests.unit.test_reference_cycles import cyclic_garbage
 
 FIRST, SECOND = "127.0.0.1", "127.0.0.2"
 
@@ -352,3 +353,45 @@ def test_a_dropped_query_ends_its_connection_after_the_queries_before_it_are_ans
             writer.close()
 
     asyncio.run(scenario())
+
+
+def test_tcp_connections_leave_no_cyclic_garbage() -> None:
+    """The daemon freezes the collector's generations every second, so an object in a cycle
+    that is alive at a freeze is never freed: a TCP connection, which lives for seconds, must
+    be freed by refcounting alone when it ends, whichever way it ends."""
+    loop = asyncio.new_event_loop()
+    gateway = _gateway(idle_s=0.2)
+    server, _resolver, port = loop.run_until_complete(gateway.__aenter__())
+
+    async def exchange(payload: bytes, *, answers: int, close: bool = True) -> None:
+        sock = socket.socket()
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, (FIRST, port))
+            await loop.sock_sendall(sock, payload)
+            for _ in range(answers):
+                (length,) = struct.unpack("!H", await loop.sock_recv(sock, 2))
+                while length:
+                    length -= len(await loop.sock_recv(sock, length))
+            if not close:  # the server closes it once idle
+                assert await loop.sock_recv(sock, 512) == b""
+        finally:
+            sock.close()
+
+    async def connections() -> None:
+        for i in range(4):
+            await exchange(_frame(f"n{i}.test.example", i), answers=1)
+            await exchange(
+                _frame(f"m{i}.test.example", i) + _frame("x.other.example", 1), answers=2
+            )
+            await exchange(b"\x00\x40junk", answers=0)  # a prefix promising more than comes
+            await exchange(_frame(f"k{i}.test.example", i), answers=1, close=False)
+        await _until(lambda: not server._connections)
+
+    try:
+        loop.run_until_complete(connections())  # first use: what is made once per daemon
+        found = cyclic_garbage(lambda: loop.run_until_complete(connections()))
+    finally:
+        loop.run_until_complete(gateway.__aexit__(None, None, None))
+        loop.close()
+    assert not found, "\n".join(found)
