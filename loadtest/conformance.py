@@ -44,11 +44,10 @@ queries (``egressgw_dns_queries_total``), and the commit measured at the start a
 
 Getting genreport (its code is not part of this repository): the repository is
 github.com/isc-projects/DNS-Compliance-Testing (also gitlab.isc.org), or the fork
-github.com/damaestro/DNS-Compliance-Testing. Where the session has a ``fetch`` tool, fetch
-``github:damaestro/DNS-Compliance-Testing`` (the isc-projects one may have no snapshot) and
-clone from the mirror path it returns; otherwise clone from GitHub. Then build it in /tmp::
+github.com/damaestro/DNS-Compliance-Testing. Clone either (or a local mirror of it) and build
+it in /tmp::
 
-    git clone /work/.mirror/damaestro+DNS-Compliance-Testing/repo/.git /tmp/dct
+    git clone https://github.com/damaestro/DNS-Compliance-Testing /tmp/dct
     apt-get install -y --no-install-recommends autoconf automake pkg-config libssl-dev
     cd /tmp/dct && autoreconf -fi && ./configure LIBS=-lresolv && make
 

@@ -683,7 +683,7 @@ def busy_ns() -> int:
 
 class CpuMeter:
     """Run time of some tasks, and how much of the machine everything else used meanwhile
-    (other sessions' tests share this machine: a busy neighbour shows here)."""
+    (other workloads on the machine: a busy neighbour shows here)."""
 
     def __init__(self, pids: Sequence[int]) -> None:
         self.pids = list(pids)

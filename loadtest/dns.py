@@ -187,11 +187,11 @@ def write_queries(path: Path, names: Iterator[tuple[str, str]] | list[tuple[str,
 class Proc:
     """A process started here, its output in a log file; stopped through its own pid only."""
 
-    def __init__(self, name: str, argv: Sequence[str], log: Path) -> None:
+    def __init__(self, name: str, argv: Sequence[str], log: Path, cwd: Path | None = None) -> None:
         self.name, self.log = name, log
         with log.open("ab") as out:
             self.popen = subprocess.Popen(
-                list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+                list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=cwd
             )
 
     @property
@@ -517,11 +517,13 @@ class Daemon:
         self.net, self.workdir, self.cpu, self.extra = net, workdir, cpu, list(extra)
         self.gc_threshold = gc_threshold
         self.proc: Proc | None = None
-        self.loop: str | None = None
+        self.loop: tuple[str, Path | None] | None = None
         self.start_s: list[float] = []
 
-    def start(self, loop: str) -> None:
-        if self.proc is not None and self.loop == loop:
+    def start(self, loop: str, src: Path | None = None) -> None:
+        """Start the daemon on ``loop``, from ``src`` (another egressgw tree: its own package
+        and wrapper, run from that directory) or from this one."""
+        if self.proc is not None and self.loop == (loop, src):
             return
         self.stop()
         argv = [sys.executable, "-m", "loadtest.dns", "_daemon", loop]
@@ -534,8 +536,9 @@ class Daemon:
         argv += self.extra
         started = time.monotonic()
         log = self.workdir / "egressgw.log"
-        self.proc = Proc(f"egressgw ({loop})", _in(self.net.gateway, self.cpu, *argv), log)
-        self.loop = loop
+        command = _in(self.net.gateway, self.cpu, *argv)
+        self.proc = Proc(f"egressgw ({loop}, {src or REPO})", command, log, cwd=src or REPO)
+        self.loop = (loop, src)
         while _http_get(self.net, "/readyz")[0] != 200:
             self.proc.check()
             if time.monotonic() - started > 30:
@@ -645,6 +648,7 @@ class Options:
     keep: bool = False
     only: str | None = None  # "cached": (a) and (c) on cached names; "unique": (b), (c), (d)
     latency_load: str = "same"  # (c): "same" offered load for both, or half of each one's "own"
+    compare_src: str | None = None  # (a): another egressgw tree, measured in the same rounds
 
 
 @dataclass
@@ -692,13 +696,22 @@ def histogram_quantile(q: float, buckets: Histogram) -> float:
     return lower
 
 
-def _git() -> dict[str, Any]:
+def git_of(src: Path) -> dict[str, Any]:
+    """The commit of an egressgw tree and its uncommitted changes to the package."""
+
     def git(*args: str) -> str:
-        proc = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
+        # --no-optional-locks: the tree may be another engineer's working copy; read only
+        proc = subprocess.run(["git", "--no-optional-locks", "-C", str(src), *args],
+                              capture_output=True, text=True, timeout=10)  # fmt: skip
         return proc.stdout.strip()
 
-    dirty = git("status", "--porcelain", "--", "egressgw").splitlines()
-    return {"commit": git("rev-parse", "--short", "HEAD"), "egressgw_uncommitted": dirty}
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "egressgw").splitlines()
+    return {"commit": git("rev-parse", "--short", "HEAD"), "uncommitted": dirty}
+
+
+def _git() -> dict[str, Any]:
+    state = git_of(REPO)
+    return {"commit": state["commit"], "egressgw_uncommitted": state["uncommitted"]}
 
 
 def _cpu_times(stat: str) -> dict[str, tuple[int, int]]:
@@ -924,18 +937,22 @@ class Bench:
         of its own: the daemon starts (and is warmed) once per loop, not between the two runs
         of a pair, which leaves seconds of the machine's drift out of each ratio."""
         o = self.options
-        loops = ["asyncio"] + (["uvloop"] if o.uvloop else [])
+        variants: list[tuple[str, str, Path | None]] = [("asyncio", "asyncio", None)]
+        if o.uvloop:
+            variants.append(("uvloop", "uvloop", None))
+        if o.compare_src:
+            variants.append(("compare", "asyncio", Path(o.compare_src)))
         progress(
-            f"(a) cached names: dnsmasq, egressgw on {' and '.join(loops)}; {o.rounds} rounds "
-            f"of {o.seconds:g} s per loop"
+            f"(a) cached names: dnsmasq, egressgw {', '.join(v[0] for v in variants)}; "
+            f"{o.rounds} rounds of {o.seconds:g} s each"
         )
         pairs: dict[str, str] = {}  # each egressgw config: the dnsmasq runs next to its runs
-        for loop in loops:
-            self.daemon.start(loop)
+        for variant, loop, src in variants:
+            self.daemon.start(loop, src)
             self.warm()
             assert self.daemon.proc is not None
-            pid, gw = self.daemon.proc.pid, f"egressgw-{loop}"
-            base = pairs[gw] = "dnsmasq" if loop == "asyncio" else f"dnsmasq-next-to-{loop}"
+            pid, gw = self.daemon.proc.pid, f"egressgw-{variant}"
+            base = pairs[gw] = "dnsmasq" if variant == "asyncio" else f"dnsmasq-next-to-{variant}"
             for r in range(o.rounds):
                 for config in (base, gw) if r % 2 == 0 else (gw, base):
                     if config == gw:
@@ -967,6 +984,11 @@ class Bench:
             uvloop = median(ratios["egressgw-uvloop"])
             summary["ratio_uvloop"] = uvloop
             summary["uvloop_over_asyncio"] = uvloop / ratio  # each against its own dnsmasq runs
+        if "egressgw-compare" in ratios:
+            compare = median(ratios["egressgw-compare"])
+            summary["ratio_compare"] = compare
+            summary["compare_src"] = {"path": o.compare_src, **git_of(Path(str(o.compare_src)))}
+            summary["this_over_compare"] = ratio / compare
         self.results.summary["a"] = summary
         self.events("a")
 
@@ -1215,8 +1237,21 @@ def render(results: Results) -> str:
         cells = "  ".join(t.ljust(w) for t, w in zip(text, widths, strict=True))
         verdict = "" if row[5] is None else "met" if row[5] else "MISSED"
         out.append(f"{cells}  {verdict}".rstrip())
+    if "ratio_compare" in a:
+        src = a["compare_src"]
+        rows.append(
+            (f"(a) ... egressgw from {src.get('commit', src['path'])}",
+             f"dnsmasq {a['qps']['dnsmasq-next-to-compare']:,.0f}",
+             f"egressgw {a['qps']['egressgw-compare']:,.0f}", f"{a['ratio_compare']:.2f}x",
+             ">= 1.0x", a["ratio_compare"] >= 1.0)
+        )  # fmt: skip
     if "uvloop_over_asyncio" in a:
         out += ["", f"event loop, cached names: uvloop / asyncio = {a['uvloop_over_asyncio']:.2f}x"]
+    if "this_over_compare" in a:
+        out += [
+            f"cached names: this tree / {a['compare_src']['path']} = "
+            f"{a['this_over_compare']:.2f}x (each against its own dnsmasq runs)"
+        ]
     out += ["", "runs (qps; p50/p99/max ms with -v; NOERROR share; lost):"]
     for scenario, runs in results.runs.items():
         for e in runs:
@@ -1288,6 +1323,11 @@ def parse(argv: Sequence[str]) -> Options:
     add("--keep", action="store_true", help="keep the work directory (logs, dnsperf output)")
     add("--latency-load", choices=["same", "own"], default=d.latency_load,
         help="(c): half the lower maximum for both, or half of each own (%(default)s)")  # fmt: skip
+    add(
+        "--compare-src",
+        metavar="DIR",
+        help="(a): also egressgw from this tree (e.g. a git worktree of an older commit)",
+    )
     add("--only", choices=["cached", "unique"],
         help="only the scenarios on these names: (a) and (c), or (b), (c) and (d)")  # fmt: skip
     a = p.parse_args(argv)
@@ -1308,6 +1348,7 @@ def parse(argv: Sequence[str]) -> Options:
         uvloop=not a.no_uvloop, profile=not a.no_profile, profile_seconds=a.profile_seconds,
         daemon_args=tuple(a.daemon_arg), gc_threshold=a.gc_threshold, json_path=a.json_path,
         keep=a.keep, only=a.only, latency_load=a.latency_load, latency_rounds=a.latency_rounds,
+        compare_src=str(Path(a.compare_src).resolve()) if a.compare_src else None,
     )  # fmt: skip
 
 

@@ -100,6 +100,7 @@ from loadtest.dns import (
     build_net,
     cached_names,
     dnsmasq_argv,
+    git_of,
     parse_dnsperf,
     percentile,
     probe,
@@ -546,17 +547,6 @@ def window_figures(w: Window) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _git_of(src: Path) -> dict[str, Any]:
-    def git(*args: str) -> str:
-        # --no-optional-locks: the tree may be another engineer's working copy; read only
-        proc = subprocess.run(["git", "--no-optional-locks", "-C", str(src), *args],
-                              capture_output=True, text=True, timeout=10)  # fmt: skip
-        return proc.stdout.strip()
-
-    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "egressgw").splitlines()
-    return {"commit": git("rev-parse", "--short", "HEAD"), "uncommitted": dirty}
-
-
 def learned_elements(net: Net) -> int:
     """Elements of the learned sets in the kernel, whatever the tree calls them."""
     out = subprocess.run(
@@ -585,7 +575,7 @@ class Bench:
         self.rev = 0
         self.runs = 0
         self.results = Results(
-            setup={"egressgw_src": str(self.src), **_git_of(self.src),
+            setup={"egressgw_src": str(self.src), **git_of(self.src),
                    "python": sys.version.split()[0], "cpus": os.cpu_count()},
             options=asdict(options),
         )  # fmt: skip
