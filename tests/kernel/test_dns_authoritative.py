@@ -231,3 +231,35 @@ def test_pipelined_tcp_queries_are_answered_as_each_is_ready(unbound: tuple[int,
         assert ids == [2, 1]  # the fast answer did not wait for the slow one
 
     against_gateway(upstream_port, client)
+
+
+def test_junk_gets_no_reply_and_local_answers_have_the_queries_shape(
+    unbound: tuple[int, Path],
+) -> None:
+    upstream_port, log = unbound
+    header = struct.Struct("!HHHHHH")
+    name = b"\x02db\x04test\x07example\x00"
+    response = header.pack(7, 0x8180, 1, 0, 0, 0) + name + struct.pack("!HH", 1, 1)  # QR=1
+    notify = header.pack(8, 0x2000, 1, 0, 0, 0) + name + struct.pack("!HH", 6, 1)  # opcode 4
+
+    def client(port: int) -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(0.5)
+            for junk in (response, b"\x00\x01"):
+                sock.sendto(junk, (LOOPBACK, port))
+                with pytest.raises(TimeoutError):
+                    sock.recv(65535)
+            sock.settimeout(WAIT_S)
+            sock.sendto(notify, (LOOPBACK, port))
+            assert DNSRecord.parse(sock.recv(65535)).header.rcode == RCODE.NOTIMP
+        denied = DNSRecord.question("db.other.example")
+        denied.add_ar(EDNS0(udp_len=4096, flags="do"))
+        reply = send(port, denied)
+        assert reply.header.rcode == RCODE.NXDOMAIN
+        (opt,) = opts(reply)
+        assert opt.rclass == EDNS_UDP_SIZE and opt.ttl & 0x8000
+        (soa,) = reply.auth
+        assert (QTYPE[soa.rtype], str(soa.rname)) == ("SOA", "other.example.")
+
+    against_gateway(upstream_port, client)
+    assert asked(log, "db.other.example.") == 0 and asked(log, "db.test.example.") == 0
