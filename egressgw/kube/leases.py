@@ -1,25 +1,15 @@
 """Which egress IPs this node holds, decided with coordination.k8s.io/v1 Leases.
 
-In: the gateways of each snapshot (``update``), this node's name and labels, the Lease API.
-Out: ``holds(gateway, address)`` for the planner, ``changed()`` calls when that answer changes,
-and ``holders()`` (egress IP -> node) for the EgressGateway status.
+In: the gateways of each snapshot (``update``), this node's name and labels, the Lease API and a
+monotonic clock. Out: ``holds(gateway, address)`` for the planner, ``changed()`` calls when that
+answer changes, and ``holders()`` (egress IP -> node) for the EgressGateway status.
 
 One Lease per egress IP (``egressgw-<ip>`` in the lease namespace). A node competes for an IP
 only while it is eligible: its Node's labels match the gateway's nodeSelector (no nodeSelector:
-every gateway node). Timing, with D the Lease duration (``leaseDurationSeconds``):
-
-- the holder renews every D/10, and gives the IP up (the daemon removes the address and stops
-  SNATing to it) once D/2 has passed since the last renewal that the API server confirmed,
-  measured from when that request was sent, on its own monotonic clock;
-- a candidate takes an IP over once the Lease record (holder, resourceVersion) has not changed
-  for W = D - 2*(D/10) - D/20 = 0.75 D on *its* monotonic clock (as client-go does: no clock
-  needs to agree between nodes). W > D/2 leaves D/4 for the old holder to have removed the
-  address before the new one adds it; a killed holder is replaced after at most
-  W + 2 * D/20 = 0.85 D (plus one re-apply), inside the Lease duration;
-- a free Lease (missing or released) is taken after (IPs already held) * D/10, so two nodes
-  starting together spread the IPs instead of one taking all;
-- every write is a create (409 AlreadyExists: someone else won) or a replace carrying the
-  resourceVersion read (409 Conflict: someone else changed it first): never two holders.
+every gateway node). When to create, renew, take over, release or give up, and why there are
+never two holders, is decided by ``lease_machine``; this module only translates: it lists the
+Leases, hands the machine what it read and the clock's ``now``, performs the writes the machine
+asks for and reports each outcome back. It makes no timing decision of its own.
 
 Nothing is released on shutdown: the daemon leaves its addresses in place across a restart, and
 a restarted daemon finds itself the holder and carries on.
@@ -40,7 +30,23 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from egressgw.identity import IPAddress
+from egressgw.kube.lease_machine import (
+    WRITES,
+    Action,
+    Create,
+    Drop,
+    GiveUp,
+    LeaseMachine,
+    LeaseTiming,
+    Lost,
+    Observed,
+    Release,
+    Renew,
+    TakeOver,
+)
 from egressgw.policy.model import EgressGateway
+
+__all__ = ["LeaseOwnership", "LeaseStats", "LeaseTiming", "lease_name"]
 
 log = logging.getLogger(__name__)
 MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -59,40 +65,12 @@ def lease_name(address: IPAddress) -> str:
     return "egressgw-" + text.replace(".", "-").replace(":", "-")
 
 
-@dataclass(frozen=True)
-class LeaseTiming:
-    duration_s: int = 10
-
-    @property
-    def tick_s(self) -> float:
-        return self.duration_s / 20
-
-    @property
-    def renew_every_s(self) -> float:
-        return self.duration_s / 10
-
-    @property
-    def give_up_after_s(self) -> float:
-        return self.duration_s / 2
-
-    @property
-    def take_over_after_s(self) -> float:
-        return self.duration_s - 2 * self.renew_every_s - self.tick_s
-
-    @property
-    def request_timeout_s(self) -> float:
-        return self.duration_s / 5
-
-
-@dataclass
-class _Held:
-    renewed_sent_at: float  # monotonic time the last confirmed renewal was sent
-
-
-@dataclass
-class _Seen:
-    record: tuple[str, str]  # (holder, resourceVersion)
-    since: float
+def observe(lease: client.V1Lease | None) -> Observed:
+    """What the machine needs of a Lease: its record and whether it exists."""
+    if lease is None:
+        return Observed()
+    holder = lease.spec.holder_identity if lease.spec is not None else None
+    return Observed(holder or None, _meta(lease).resource_version or "", exists=True)
 
 
 @dataclass
@@ -116,6 +94,7 @@ class LeaseOwnership:
         node_labels: Callable[[], Mapping[str, str] | None],
         timing: LeaseTiming | None = None,
         on_holders_changed: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.coordination = client.CoordinationV1Api(api)
         self.namespace = namespace
@@ -123,15 +102,13 @@ class LeaseOwnership:
         self.node_labels = node_labels
         self.timing = timing or LeaseTiming()
         self.on_holders_changed = on_holders_changed
+        self.clock = clock
         self.stats = LeaseStats()
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # guards the machine and everything below
         self._tick_lock = threading.Lock()
+        self._machine = LeaseMachine(node_name, self.timing)
         self._wanted: dict[IPAddress, EgressGateway] = {}
-        self._held: dict[IPAddress, _Held] = {}
         self._view: frozenset[IPAddress] = frozenset()  # what the last apply was told
-        self._seen: dict[IPAddress, _Seen] = {}
-        self._free_since: dict[IPAddress, float] = {}
-        self._to_release: set[IPAddress] = set()
         self._evaluated: set[IPAddress] = set()
         self._holders: dict[IPAddress, str] = {}
 
@@ -153,9 +130,11 @@ class LeaseOwnership:
             unknown = set(wanted) - self._evaluated
         if unknown:
             self.tick()
+        labels = self.node_labels()
         with self._lock:
-            self._drop_unwanted()
-            self._view = frozenset(self._held)
+            eligible = self._eligible_addresses(labels)
+            self._act(self._machine.drop(self._wanted.keys(), eligible))
+            self._view = self._machine.held
 
     def holders(self) -> dict[IPAddress, str]:
         """Egress IP -> the node named in its Lease, for every IP a Lease exists for."""
@@ -167,14 +146,14 @@ class LeaseOwnership:
         watchdog = asyncio.create_task(self._watchdog(changed), name="lease-deadlines")
         try:
             while True:
-                started = time.monotonic()
+                started = self.clock()
                 holders_before = self.holders()
                 await asyncio.to_thread(self.tick)
                 if self._view_stale():
                     changed()
                 if self.on_holders_changed is not None and self.holders() != holders_before:
                     self.on_holders_changed()
-                elapsed = time.monotonic() - started
+                elapsed = self.clock() - started
                 await asyncio.sleep(max(0.0, self.timing.tick_s - elapsed))
         finally:
             watchdog.cancel()
@@ -182,50 +161,46 @@ class LeaseOwnership:
     # -- local deadlines (no API needed) --------------------------------------------------------
     async def _watchdog(self, changed: Callable[[], None]) -> None:
         while True:
-            if self.expire(time.monotonic()) or self._view_stale():
+            if self.expire(self.clock()) or self._view_stale():
                 changed()
             await asyncio.sleep(self.timing.tick_s)
 
     def _view_stale(self) -> bool:
         with self._lock:
-            return frozenset(self._held) != self._view
+            return self._machine.held != self._view
 
     def expire(self, now: float) -> list[IPAddress]:
         """Give up every IP whose last confirmed renewal is older than D/2."""
         with self._lock:
-            late = [
-                a
-                for a, h in self._held.items()
-                if now - h.renewed_sent_at > self.timing.give_up_after_s
-            ]
-            for address in late:
-                del self._held[address]
-                self.stats.given_up += 1
-                self._note(
-                    f"gave up {address}: no confirmed renewal"
-                    f" for {self.timing.give_up_after_s:.1f} s"
-                )
-            return late
+            late = self._machine.expire(now)
+            self._act(late)
+            return [action.address for action in late]
 
-    def _drop_unwanted(self) -> None:
-        labels = self.node_labels()
-        for address in list(self._held):
-            gateway = self._wanted.get(address)
-            if gateway is None or not self._eligible(gateway, labels):
-                del self._held[address]
-                self._to_release.add(address)
-                self._note(f"releasing {address}: no longer an egress IP this node may hold")
+    def _eligible_addresses(self, labels: Mapping[str, str] | None) -> frozenset[IPAddress]:
+        if labels is None:
+            return frozenset()
+        return frozenset(
+            address
+            for address, gateway in self._wanted.items()
+            if gateway.node_selector is None or gateway.node_selector.matches(labels)
+        )
+
+    def _act(self, actions: Sequence[Action]) -> None:
+        """Count and log the local actions: nothing to write for them."""
+        for action in actions:
+            if isinstance(action, GiveUp):
+                self.stats.given_up += 1
+                self._note(f"gave up {action.address}: {action.reason}")
+            elif isinstance(action, Lost):
+                self.stats.lost += 1
+                self._note(f"lost {action.address}: {action.reason}")
+            elif isinstance(action, Drop):
+                self._note(f"releasing {action.address}: {action.reason}")
 
     def _note(self, message: str) -> None:
         log.info("lease: %s", message)
         self.stats.history.append(message)
         del self.stats.history[:-100]
-
-    @staticmethod
-    def _eligible(gateway: EgressGateway, labels: Mapping[str, str] | None) -> bool:
-        if labels is None:
-            return False
-        return gateway.node_selector is None or gateway.node_selector.matches(labels)
 
     # -- one round against the API --------------------------------------------------------------
     def tick(self) -> None:
@@ -255,57 +230,63 @@ class LeaseOwnership:
                     holders[ipaddress.ip_address(annotation)] = lease.spec.holder_identity
                 except ValueError:
                     continue
+        labels = self.node_labels()
         with self._lock:
             self._holders = holders
-            # released one round after being dropped, so the address is gone before another
-            # node can take the Lease
-            release = sorted(self._to_release, key=lambda a: (a.version, a))
-            self._drop_unwanted()
             wanted = dict(self._wanted)
-        for address in release:
-            self._release(address, by_name.get(lease_name(address)))
-        labels = self.node_labels()
-        for address in sorted(wanted, key=lambda a: (a.version, a)):
-            gateway = wanted[address]
-            with self._lock:
-                self._evaluated.add(address)
-            if self._eligible(gateway, labels):
-                self._compete(address, gateway, by_name.get(lease_name(address)))
-
-    def _compete(
-        self, address: IPAddress, gateway: EgressGateway, lease: client.V1Lease | None
-    ) -> None:
-        now = time.monotonic()
-        holder = lease.spec.holder_identity if lease is not None and lease.spec else None
-        if lease is None or not holder:
-            with self._lock:
-                free_since = self._free_since.setdefault(address, now)
-                spread = len(self._held) * self.timing.renew_every_s
-            if now - free_since >= spread:
-                self._acquire(address, gateway, lease, now)
-            return
-        self._free_since.pop(address, None)
-        if holder == self.node_name:
-            with self._lock:
-                held = self._held.get(address)
-            if held is None or now - held.renewed_sent_at >= self.timing.renew_every_s:
-                self._renew(address, gateway, lease, now, taking=False)
-            return
-        with self._lock:
-            if address in self._held:  # someone else is the holder now: we lost it
-                del self._held[address]
-                self.stats.lost += 1
-                self._note(f"lost {address} to {holder}")
-        record = (holder, _meta(lease).resource_version or "")
-        seen = self._seen.get(address)
-        if seen is None or seen.record != record:
-            self._seen[address] = _Seen(record, now)
-        elif now - seen.since >= self.timing.take_over_after_s:
-            self._note(
-                f"{address}: Lease held by {holder} unchanged for {now - seen.since:.1f} s;"
-                " taking over"
+            found = {
+                address: by_name[lease_name(address)]
+                for address in self._machine.addresses | wanted.keys()
+                if lease_name(address) in by_name
+            }
+            actions = self._machine.decide(
+                self.clock(),
+                wanted.keys(),
+                self._eligible_addresses(labels),
+                {address: observe(lease) for address, lease in found.items()},
             )
-            self._renew(address, gateway, lease, now, taking=True)
+            self._act(actions)
+            writes = [a for a in actions if isinstance(a, WRITES)]
+            self._evaluated.update(wanted.keys() - {a.address for a in writes})
+        for action in writes:
+            self._write(action, found.get(action.address), wanted.get(action.address))
+            with self._lock:
+                self._evaluated.add(action.address)
+
+    def _write(
+        self, action: Action, lease: client.V1Lease | None, gateway: EgressGateway | None
+    ) -> None:
+        """Perform one write the machine asked for and report how it went."""
+        address = action.address
+        if isinstance(action, Create):
+            assert gateway is not None  # only wanted IPs are created
+            ok, sent_at = self._create(address, gateway)
+        else:
+            assert lease is not None and lease.spec is not None  # the machine saw the Lease
+            if isinstance(action, Release):
+                lease.spec.holder_identity = None
+            else:
+                assert gateway is not None  # only wanted IPs are renewed or taken
+                if isinstance(action, TakeOver):
+                    self._note(f"{address}: {action.reason}; taking over")
+                lease.spec = self._spec(isinstance(action, TakeOver), lease)
+                _meta(lease).labels = {**(_meta(lease).labels or {}), GATEWAY_LABEL: gateway.name}
+            ok, sent_at = self._replace(lease)
+        with self._lock:
+            if not ok:
+                self._machine.conflicted(address)
+                if not isinstance(action, Release):  # not ours to release: no contest
+                    self.stats.conflicts += 1
+                return
+            started = self._machine.confirmed(address, sent_at)
+            if isinstance(action, Create | TakeOver):
+                self._holders[address] = self.node_name
+            if started:
+                self.stats.acquired += 1
+                if isinstance(action, Renew):
+                    self._note(f"holding {address} (Lease already ours)")
+                else:
+                    self._note(f"acquired {address}")
 
     def _spec(self, taking: bool, lease: client.V1Lease | None) -> client.V1LeaseSpec:
         stamp = datetime.now(UTC)
@@ -320,12 +301,8 @@ class LeaseOwnership:
             lease_transitions=transitions + (1 if taking and old is not None else 0),
         )
 
-    def _acquire(
-        self, address: IPAddress, gateway: EgressGateway, lease: client.V1Lease | None, now: float
-    ) -> None:
-        if lease is not None:  # released by its holder: take it with its resourceVersion
-            self._renew(address, gateway, lease, now, taking=True)
-            return
+    def _create(self, address: IPAddress, gateway: EgressGateway) -> tuple[bool, float]:
+        """Create the Lease naming this node; False when it exists already (409)."""
         body = client.V1Lease(
             metadata=client.V1ObjectMeta(
                 name=lease_name(address),
@@ -335,6 +312,7 @@ class LeaseOwnership:
             ),
             spec=self._spec(True, None),
         )
+        sent_at = self.clock()
         try:
             self.coordination.create_namespaced_lease(
                 self.namespace, body, _request_timeout=self.timing.request_timeout_s
@@ -342,36 +320,13 @@ class LeaseOwnership:
         except ApiException as exc:
             if exc.status != 409:
                 raise
-            self.stats.conflicts += 1
-            return
-        self._took(address, now)
+            return False, sent_at
+        return True, sent_at
 
-    def _renew(
-        self,
-        address: IPAddress,
-        gateway: EgressGateway,
-        lease: client.V1Lease,
-        now: float,
-        *,
-        taking: bool,
-    ) -> None:
-        lease.spec = self._spec(taking, lease)
-        _meta(lease).labels = {**(_meta(lease).labels or {}), GATEWAY_LABEL: gateway.name}
-        if not self._replace(lease):
-            self.stats.conflicts += 1
-            return  # someone else wrote first; the next round reads who
-        if taking:
-            self._took(address, now)
-        else:
-            with self._lock:
-                if address not in self._held:
-                    self._note(f"holding {address} (Lease already ours)")
-                    self.stats.acquired += 1
-                self._held[address] = _Held(now)
-
-    def _replace(self, lease: client.V1Lease) -> bool:
+    def _replace(self, lease: client.V1Lease) -> tuple[bool, float]:
         """Write a Lease back over the resourceVersion it was read with; False when someone
         else changed or deleted it first (409 or 404), which is never an error here."""
+        sent_at = self.clock()
         try:
             self.coordination.replace_namespaced_lease(
                 _meta(lease).name or "",
@@ -382,25 +337,5 @@ class LeaseOwnership:
         except ApiException as exc:
             if exc.status not in (404, 409):
                 raise
-            return False
-        return True
-
-    def _took(self, address: IPAddress, now: float) -> None:
-        with self._lock:
-            self._held[address] = _Held(now)
-            self._seen.pop(address, None)
-            self._free_since.pop(address, None)
-            self.stats.acquired += 1
-            self._holders[address] = self.node_name
-        self._note(f"acquired {address}")
-
-    def _release(self, address: IPAddress, lease: client.V1Lease | None) -> None:
-        if (
-            lease is not None
-            and lease.spec is not None
-            and lease.spec.holder_identity == self.node_name
-        ):
-            lease.spec.holder_identity = None
-            self._replace(lease)  # if someone else wrote first, it is not ours to release
-        with self._lock:
-            self._to_release.discard(address)
+            return False, sent_at
+        return True, sent_at

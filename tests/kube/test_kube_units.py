@@ -301,3 +301,38 @@ def test_a_lease_that_cannot_be_renewed_is_given_up_before_it_expires(
     owner.update(gateways)
     assert not owner.holds(gateways[0], ipaddress.ip_address("198.51.100.10"))
     assert timing.give_up_after_s < timing.take_over_after_s < timing.duration_s
+
+
+def test_a_silent_holder_is_taken_over_after_w_on_the_candidates_clock(
+    api: FakeApiServer, kube: client.ApiClient
+) -> None:
+    timing = LeaseTiming(10)
+    now = [0.0]
+
+    def clock() -> float:
+        return now[0]
+
+    address = ipaddress.ip_address("198.51.100.10")
+    gateways = [_gateway("a", str(address))]
+    old = LeaseOwnership(kube, "egressgw-system", "gw-a", lambda: {}, timing, clock=clock)
+    new = LeaseOwnership(kube, "egressgw-system", "gw-b", lambda: {}, timing, clock=clock)
+    old.update(gateways)
+    new.update(gateways)  # reads gw-a's record at 0
+    assert old.holds(gateways[0], address) and not new.holds(gateways[0], address)
+
+    now[0] = timing.give_up_after_s + 0.01  # gw-a is silent from here on
+    assert old.expire(clock()) == [address]
+    now[0] = timing.take_over_after_s - 0.01
+    new.tick()
+    assert new.holders() == {address: "gw-a"}
+    now[0] = timing.take_over_after_s
+    new.tick()
+    new.update(gateways)
+    assert new.holds(gateways[0], address) and new.holders() == {address: "gw-b"}
+    lease = api.get("Lease", lease_name(address), "egressgw-system")
+    assert (lease["spec"]["holderIdentity"], lease["spec"]["leaseTransitions"]) == ("gw-b", 1)
+
+    old.tick()  # back: the Lease names gw-b, which gw-a has long given up
+    old.update(gateways)
+    assert not old.holds(gateways[0], address)
+    assert (old.stats.given_up, old.stats.lost, new.stats.acquired) == (1, 0, 1)
