@@ -40,17 +40,12 @@ def positive_int(text: str) -> int:
     return value
 
 
-def _run(args: argparse.Namespace) -> int:
+def settings_of(args: argparse.Namespace) -> Settings:
+    """The daemon's Settings from ``egressgw run``'s arguments."""
     from egressgw.dns.interceptor import DnsSettings
     from egressgw.dns.wire import NXDOMAIN, REFUSED
-    from egressgw.runtime import Daemon, Settings
+    from egressgw.runtime import Settings
 
-    if args.dns_listen and not args.upstream:
-        print("egressgw run: --dns-listen needs at least one --upstream", file=sys.stderr)
-        return 2
-    if args.min_ttl > args.max_ttl:
-        print("egressgw run: --min-ttl must not exceed --max-ttl", file=sys.stderr)
-        return 2
     dns = DnsSettings(
         min_ttl_s=args.min_ttl,
         max_ttl_s=args.max_ttl,
@@ -64,7 +59,7 @@ def _run(args: argparse.Namespace) -> int:
         rate_per_source_qps=args.rate_limit,
         burst_per_source=args.rate_limit * 2,
     )
-    settings = Settings(
+    return Settings(
         uplink=args.uplink,
         manifests=Path(args.manifests) if args.manifests else None,
         table=args.table,
@@ -79,46 +74,25 @@ def _run(args: argparse.Namespace) -> int:
         dns_tcp_per_source=args.dns_tcp_per_source,
         dns_tcp_pipeline=args.dns_tcp_pipeline,
     )
+
+
+def _run(args: argparse.Namespace) -> int:
+    from egressgw import app
+
+    kube = None
     if args.kubernetes:
-        return _run_kubernetes(args, settings)
-    if settings.manifests is None or not settings.manifests.is_dir():
-        print(f"egressgw run: --manifests {settings.manifests} is not a directory", file=sys.stderr)
-        return 2
-    return asyncio.run(Daemon(settings).run())
-
-
-def _run_kubernetes(args: argparse.Namespace, settings: Settings) -> int:
-    """The daemon fed by the API server: watches, Lease ownership and status writes."""
-    from egressgw.kube.api import KubeError, api_client
-    from egressgw.kube.leases import LeaseOwnership, LeaseTiming
-    from egressgw.kube.source import KubeSource
-    from egressgw.kube.status import StatusWriter
-    from egressgw.runtime import Daemon
-
-    if not args.node_name:
-        print("egressgw run: --kubernetes needs --node-name (or NODE_NAME)", file=sys.stderr)
-        return 2
+        kube = app.KubeSettings(
+            node_name=args.node_name or "",
+            kubeconfig=Path(args.kubeconfig) if args.kubeconfig else None,
+            lease_namespace=args.lease_namespace,
+            lease_duration_s=args.lease_duration,
+        )
     try:
-        api = api_client(Path(args.kubeconfig) if args.kubeconfig else None)
-    except KubeError as exc:
+        gateway = app.build_gateway(settings_of(args), kube)
+    except app.ConfigError as exc:
         print(f"egressgw run: {exc}", file=sys.stderr)
         return 2
-    source = KubeSource(api, args.node_name)
-    ownership = LeaseOwnership(
-        api,
-        args.lease_namespace,
-        args.node_name,
-        source.node_labels,
-        LeaseTiming(args.lease_duration),
-    )
-    status = StatusWriter(api, source, ownership.holders)
-    ownership.on_holders_changed = status.poke  # a new holder shows in EgressGateway status
-    status.start()
-    try:
-        return asyncio.run(Daemon(settings, source, ownership, status).run())
-    finally:
-        status.stop()
-        source.stop()
+    return asyncio.run(gateway.run())
 
 
 def _policy_check(args: argparse.Namespace) -> int:

@@ -1,7 +1,8 @@
-"""The daemon: wires a source, the planner and the datapath, supervises tasks, handles signals.
+"""The daemon: follows a source, plans, applies to the datapath, supervises tasks, handles signals.
 
-In: Settings. Out: a datapath kept in step with the source until SIGTERM/SIGINT, after which it
-exits and leaves the kernel enforcing the last state (nothing is removed on the way out).
+In: Settings and the parts ``app`` built from them. Out: a datapath kept in step with the source
+until SIGTERM/SIGINT, after which it exits and leaves the kernel enforcing the last state
+(nothing is removed on the way out).
 Every long-running coroutine is a named task; if one dies, the daemon stops loudly.
 """
 
@@ -14,28 +15,25 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from aiohttp import web
 
 from egressgw import metrics
+from egressgw.contracts import Datapath, Ownership, Source, StatusSink
 from egressgw.datapath.addresses import UplinkAddresses
-from egressgw.datapath.kernel import NftDatapath
 from egressgw.datapath.netlink import SOCKET_BUFFER_BYTES
 from egressgw.dns.interceptor import DnsSettings, Interceptor, PolicyView
 from egressgw.dns.names import NamePolicy
 from egressgw.dns.server import TCP_IN_FLIGHT, TCP_PER_SOURCE, DnsServer
-from egressgw.dns.upstream import Upstream
 from egressgw.explain import Explanation, Query, explain
 from egressgw.identity import IdentityRegistry, IPAddress, WorkloadTable
 from egressgw.plan import Plan, build
-from egressgw.policy.load import Problem
 from egressgw.policy.model import EgressGateway, Snapshot
 from egressgw.report import gateway_egress, to_json
-from egressgw.sources.manifests import ManifestSource
 from egressgw.web import Health, NotReady, Operator, make_app, serve
 
 log = logging.getLogger("egressgw")
@@ -43,34 +41,6 @@ HOUSEKEEPING_INTERVAL_S = 5.0
 COLLECT_INTERVAL_S = 1.0
 RETRY_FIRST_S = 1.0  # a failed apply is tried again after this, doubling up to RETRY_MAX_S
 RETRY_MAX_S = 30.0
-
-
-class Source(Protocol):
-    """Desired state: whole Snapshots, the first once everything has been read."""
-
-    synced: asyncio.Event
-
-    def problems(self) -> list[Problem]: ...
-
-    def snapshots(self) -> AsyncIterator[Snapshot]: ...
-
-
-class Ownership(Protocol):
-    """Which egress IPs this node holds. Manifests mode holds them all (``HoldAll``)."""
-
-    def holds(self, gateway: EgressGateway, address: IPAddress) -> bool: ...
-
-    def update(self, gateways: Sequence[EgressGateway]) -> None:
-        """The gateways of the latest snapshot (which IPs exist, which nodes may hold them)."""
-
-    async def run(self, changed: Callable[[], None]) -> None:
-        """Keep ownership current; call ``changed`` when what this node holds changes."""
-
-
-class StatusSink(Protocol):
-    """Where the outcome of each apply is reported (Kubernetes: object status)."""
-
-    def report(self, snapshot: Snapshot, plan: Plan, problems: Sequence[Problem]) -> None: ...
 
 
 class HoldAll:
@@ -102,27 +72,23 @@ class Settings:
 
 
 class Daemon:
+    """Keeps the datapath in step with the source; built by ``app.build_gateway``."""
+
     def __init__(
         self,
         settings: Settings,
-        source: Source | None = None,
+        datapath: Datapath,
+        source: Source,
         ownership: Ownership | None = None,
         status: StatusSink | None = None,
+        interceptor: Interceptor | None = None,
     ) -> None:
         self.settings = settings
-        self.datapath = NftDatapath(
-            settings.table,
-            settings.uplink,
-            netns=settings.netns,
-            buffer_bytes=settings.netlink_buffer_bytes,
-        )
-        if source is None:
-            if settings.manifests is None:
-                raise ValueError("a source is needed: --manifests DIR or --kubernetes")
-            source = ManifestSource(settings.manifests)
-        self.source: Source = source
+        self.datapath = datapath
+        self.source = source
         self.ownership: Ownership = ownership or HoldAll()
         self.status = status
+        self.interceptor = interceptor
         self.last_snapshot: Snapshot | None = None
         self._apply_lock = threading.Lock()
         self.registry = IdentityRegistry()
@@ -135,12 +101,6 @@ class Daemon:
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._addresses: UplinkAddresses | None = None
-        self.interceptor: Interceptor | None = None
-        if settings.dns_listen:
-            if not settings.upstreams:
-                raise ValueError("--dns-listen needs at least one --upstream")
-            upstream = Upstream(list(settings.upstreams), settings.upstream_timeout_s)
-            self.interceptor = Interceptor(settings.dns, upstream, self.datapath)
 
     # -- status -------------------------------------------------------------------------------
     def alive(self) -> bool:

@@ -11,7 +11,8 @@ from collections import Counter
 
 from dnslib import RCODE, RR, DNSRecord
 
-from egressgw.dns.upstream import Done, UpstreamError, settle
+from egressgw.contracts import Done
+from egressgw.dns.upstream import UpstreamError, settle
 from egressgw.dns.wire import Question
 
 

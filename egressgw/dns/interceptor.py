@@ -45,15 +45,15 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple
 
 from egressgw import metrics
 from egressgw.datapath.kernel import DatapathBusy, StalePolicy
 from egressgw.datapath.keys import parse_address
-from egressgw.datapath.state import Learned, LearnedPolicy, PortAtom, atom_order
+from egressgw.datapath.state import Learned, PortAtom, atom_order
 from egressgw.dns.cache import Answer, AnswerCache, prepare
 from egressgw.dns.names import NameDecision, NamePolicy
-from egressgw.dns.upstream import Upstream, UpstreamError
+from egressgw.dns.upstream import UpstreamError
 from egressgw.dns.wire import (
     FORMERR,
     HEADER,
@@ -74,6 +74,9 @@ from egressgw.dns.wire import (
 from egressgw.identity import Workload, WorkloadTable
 from egressgw.policy.decide import Verdict
 from egressgw.policy.fqdn import InvalidName, canonical_name
+
+if TYPE_CHECKING:
+    from egressgw.contracts import Programmer, Upstream
 
 log = logging.getLogger("egressgw.dns")
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -108,30 +111,6 @@ TYPE_NAMES.update({251: "IXFR", 252: "AXFR", 253: "MAILB", 254: "MAILA", 255: "A
 # Zone transfers and the obsolete mailbox meta-queries: refused here, before any upstream is asked
 NOT_SERVED_TYPES = frozenset((251, 252, 253, 254))
 _ESCAPED_BYTE = "a label holds a dot, a space or another byte that no policy can name"
-
-
-class Programmer(Protocol):
-    @property
-    def epoch(self) -> int:
-        """Moves before every change of the policy in force reaches the kernel."""
-        ...
-
-    @property
-    def unsettled(self) -> frozenset[int]:
-        """The identities whose learned elements the change of the current epoch touches."""
-        ...
-
-    def program(
-        self,
-        learned: Iterable[Learned],
-        lifetime_s: float,
-        *,
-        name: str | None = None,
-        policy: LearnedPolicy | None = None,
-        wait_s: float | None = None,
-    ) -> int: ...
-
-    def revoke(self, learned: Iterable[Learned], wait_s: float | None = None) -> int: ...
 
 
 @dataclass(frozen=True)

@@ -46,9 +46,13 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from egressgw import metrics
 from egressgw.dns.wire import HEADER, RD, TC, Question, WireError, parse_question, read_name
+
+if TYPE_CHECKING:
+    from egressgw.contracts import Done
 
 log = logging.getLogger(__name__)
 Address = tuple[str, int]
@@ -174,9 +178,6 @@ def answers(question: Question, response: bytes) -> bool:
 def _time_out(future: asyncio.Future[bytes]) -> None:
     if not future.done():
         future.set_exception(UpstreamError("timed out"))
-
-
-Done = Callable[[bytes | Exception], None]
 
 
 def settle(tasks: set[asyncio.Task[None]], work: Awaitable[bytes], done: Done) -> None:

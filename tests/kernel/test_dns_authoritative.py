@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from dnslib import EDNS0, QTYPE, RCODE, RR, DNSRecord, EDNSOption
 
-from egressgw.dns.upstream import State
+from egressgw.dns.upstream import State, Upstream
 from egressgw.dns.wire import EDNS_UDP_SIZE
 from tests.conftest import require
 from tests.kernel.test_dns_server import LOOPBACK, free_port, interceptor, serve
@@ -113,6 +113,7 @@ def against_gateway(upstream_port: int, client: Callable[[int], None]) -> dict[s
         server, port = await serve(icpt)
         try:
             await asyncio.to_thread(client, port)
+            assert isinstance(icpt.upstream, Upstream)
             return icpt.upstream.states()
         finally:
             await server.close()

@@ -13,9 +13,10 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from egressgw.app import build_gateway
 from egressgw.policy.load import Problem
 from egressgw.policy.model import EgressGateway, LabelSelector, Namespace, Pod, Snapshot
-from egressgw.runtime import Daemon, Settings
+from egressgw.runtime import Settings
 from tests.conftest import require_kernel, unique_name
 from tests.kernel.topology import topology
 
@@ -66,7 +67,7 @@ def test_readyz_is_not_ready_before_the_first_sync_and_ready_after() -> None:
         table = unique_name("egw").replace("-", "_")
         settings = Settings(uplink="up0", table=table, netns=topo.gateway, node_name="gw-test")
         source = HeldBackSource()
-        daemon = Daemon(settings, source=source)
+        daemon = build_gateway(settings, source=source).daemon
 
         async def scenario() -> None:
             running = asyncio.create_task(daemon.run())

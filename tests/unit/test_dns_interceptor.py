@@ -110,7 +110,7 @@ class Env:
         self.datapath = FakeDatapath()
         self.upstream = FakeUpstream(zone)
         dns = DnsSettings(**overrides)  # type: ignore[arg-type]
-        self.interceptor = Interceptor(dns, self.upstream, self.datapath, self.clock)  # type: ignore[arg-type]
+        self.interceptor = Interceptor(dns, self.upstream, self.datapath, self.clock)
         plan = build(snapshot(*(policies or DEFAULT_POLICIES)), IdentityRegistry())
         self.plan = plan
         self.interceptor.update(PolicyView(plan.workloads, NamePolicy(plan.selections)))

@@ -13,7 +13,7 @@ import pytest
 from dnslib import EDNS0, QTYPE, RCODE, RR, DNSRecord, EDNSOption
 from prometheus_client import REGISTRY
 
-from egressgw import runtime
+from egressgw import app
 from egressgw.cli import main
 from egressgw.dns.interceptor import OUTCOMES
 from egressgw.dns.wire import EDNS_UDP_SIZE, REFUSED
@@ -253,14 +253,14 @@ def test_the_negative_ttl_is_set_on_the_command_line(
 ) -> None:
     started: list[Settings] = []
 
-    class Recorder:  # the daemon, as far as the command line can tell
-        def __init__(self, settings: Settings) -> None:
+    class Recorder:  # the gateway, as far as the command line can tell
+        def __init__(self, settings: Settings, kube: object = None) -> None:
             started.append(settings)
 
         async def run(self) -> int:
             return 0
 
-    monkeypatch.setattr(runtime, "Daemon", Recorder)
+    monkeypatch.setattr(app, "build_gateway", Recorder)
     base = ["run", "--manifests", str(tmp_path), "--uplink", "eth0"]
     assert main([*base, "--negative-ttl", "17"]) == 0
     assert main(base) == 0

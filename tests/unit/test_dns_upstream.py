@@ -11,7 +11,8 @@ from typing import cast
 from dnslib import QTYPE, RR, A, DNSRecord
 from prometheus_client import REGISTRY
 
-from egressgw.dns.upstream import Done, Evidence, Health, State, Upstream, UpstreamError
+from egressgw.contracts import Done
+from egressgw.dns.upstream import Evidence, Health, State, Upstream, UpstreamError
 from egressgw.dns.wire import parse_question
 
 LOOPBACK = "127.0.0.1"
