@@ -24,9 +24,9 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import cast
 
 from egressgw import metrics
 from egressgw.dns.interceptor import Deferred, Interceptor
@@ -132,128 +132,210 @@ def _udp_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-class _Tcp:
-    """One DNS-over-TCP connection: the reading loop, the queries it has in flight, and the
-    write deadline (see the module docstring)."""
+class _Tcp(asyncio.Protocol):
+    """One DNS-over-TCP connection: its framing, the queries it has in flight, its idle timer
+    and its write deadline (see the module docstring).
 
-    def __init__(
-        self,
-        server: DnsServer,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        source: str,
-    ) -> None:
+    A plain protocol rather than asyncio's streams: streams keep the exception a connection
+    ends with (a reset, say) in futures the transport reaches, which makes a reference cycle
+    that only the cyclic collector would free. Here nothing keeps an exception, and once the
+    connection is lost and its queries are done the protocol lets go of the transport, its
+    timers and its tasks, so refcounting frees all of it."""
+
+    def __init__(self, server: DnsServer) -> None:
+        self.server = server
         self.interceptor = server.interceptor
+        self.loop = asyncio.get_running_loop()
         self.idle_s, self.write_timeout_s = server.idle_s, server.write_timeout_s
         self.in_flight = max(1, server.tcp_in_flight)
-        self.reader, self.writer, self.source = reader, writer, source
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.stopping = False  # a dropped query: read no more
-        self.reading: asyncio.Timeout | None = None  # the idle timeout of the read under way
-        self.aborted = False
-        # replies wait in the transport's buffer only while the kernel's is full, and then
-        # every writer waits for all of it to leave: that wait is what the deadline bounds
-        writer.transport.set_write_buffer_limits(high=0)
+        self.transport: asyncio.Transport | None = None  # None once the connection is lost
+        self.source = ""
+        self.admitted = False  # counted in the server's connections, until it ends
+        self.buffer = bytearray()  # what arrived and is not yet a whole query
+        self.tasks: set[asyncio.Task[None]] = set()  # the queries waiting for the upstream
+        self.eof = False  # the client closed its side: it sends nothing more
+        self.ending = False  # read no more; close once the queries in flight are answered
+        self.writing_paused = False  # the kernel's buffer is full: replies wait here
+        self.last_active = 0.0  # when data last arrived or the last query in flight ended
+        self.idle: asyncio.TimerHandle | None = None
+        self.deadline: asyncio.TimerHandle | None = None  # the write deadline, while paused
 
-    async def serve(self) -> None:
-        try:
-            # the client may close (or break) its side: what it asked is still answered
-            with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError, ValueError):
-                await self._read()
-            if self.tasks:  # each ends within the upstream timeouts and the write deadline
-                await asyncio.wait(set(self.tasks))
-        finally:
-            for task in self.tasks:
-                task.cancel()
-            await self._close()
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        if peer is None:  # gone before it was accepted
+            self.ending = True
+            self.transport.abort()
+            return
+        self.source = _source(peer)
+        if not self.server._admit(self):
+            self.ending = True
+            TCP_CLOSED_SOURCE_LIMIT.inc()
+            self.transport.abort()
+            return
+        self.admitted = True
+        # replies wait in the transport's buffer only while the kernel's is full, and that
+        # wait is what the write deadline bounds
+        self.transport.set_write_buffer_limits(high=0)
+        self.last_active = self.loop.time()
+        self.idle = self.loop.call_at(self.last_active + self.idle_s, self._idle_check)
 
-    async def _read(self) -> None:
-        reader, tasks = self.reader, self.tasks
-        while not self.stopping:
-            if len(tasks) >= self.in_flight:
+    def data_received(self, data: bytes) -> None:
+        if self.ending:
+            return
+        self.last_active = self.loop.time()
+        self.buffer += data
+        self._parse()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._parse()  # what it already sent is still answered, then the connection closes
+        return True  # keep the connection open for the answers
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        self._update_reading()
+        if self.deadline is None:
+            self.deadline = self.loop.call_later(self.write_timeout_s, self._write_timeout)
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
+        if not self.ending:
+            self.last_active = self.loop.time()
+            self._parse()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        transport, self.transport = self.transport, None
+        if transport is not None:
+            _untie(transport)
+        self.ending = True
+        self.buffer = bytearray()
+        for timer in (self.idle, self.deadline):
+            if timer is not None:
+                timer.cancel()
+        self.idle = self.deadline = None
+        if not self.tasks:  # else the last one to end ends the connection
+            self._end()
+
+    def _parse(self) -> None:
+        """Take the whole queries that arrived, as long as the connection may take more."""
+        buffer = self.buffer
+        while not self.ending and not self.writing_paused and len(self.tasks) < self.in_flight:
+            if len(buffer) >= 2:
+                end = 2 + int.from_bytes(buffer[:2], "big")
+                if len(buffer) >= end:
+                    query = bytes(buffer[2:end])
+                    del buffer[:end]
+                    self._query(query)
+                    continue
+            if self.eof:  # the rest of a query will never come
+                self._stop()
+            break
+        self._update_reading()
+
+    def _query(self, query: bytes) -> None:
+        result = self.interceptor.answer_now(query, self.source, False)
+        if isinstance(result, Deferred):
+            task = self.loop.create_task(self._resolve(result))
+            self.tasks.add(task)
+            task.add_done_callback(self._done)
+            if len(self.tasks) >= self.in_flight:
                 TCP_PIPELINE_FULL.inc()
-                await asyncio.wait(set(tasks), return_when=asyncio.FIRST_COMPLETED)
-                continue
-            try:
-                header = await self._within_idle(reader.readexactly(2))
-            except TimeoutError:
-                if self.stopping:
-                    return
-                if tasks:
-                    continue  # not idle while it waits for answers, which come in bounded time
-                TCP_CLOSED_IDLE.inc()
-                return
-            (length,) = struct.unpack("!H", header)
-            try:
-                query = await self._within_idle(reader.readexactly(length))
-            except TimeoutError:
-                if not self.stopping:
-                    TCP_CLOSED_IDLE.inc()
-                return
-            result = self.interceptor.answer_now(query, self.source, False)
-            if isinstance(result, Deferred):
-                task = asyncio.get_running_loop().create_task(self._resolve(result))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            elif result is None:
-                return
-            else:
-                await self._send(result)
-
-    async def _within_idle(self, read: Awaitable[bytes]) -> bytes:
-        async with asyncio.timeout(self.idle_s) as self.reading:
-            try:
-                return await read
-            finally:
-                self.reading = None
+        elif result is None:
+            self._stop()
+        else:
+            self._send(result)
 
     async def _resolve(self, deferred: Deferred) -> None:
         response = await self.interceptor.resolve(deferred)
         if response is None:  # dropped: the connection ends once the others are answered
-            self.stopping = True
-            if self.reading is not None:  # the reading loop waits for a query: stop it now
-                self.reading.reschedule(asyncio.get_running_loop().time())
-            return
-        await self._send(response)
+            self._stop()
+        else:
+            self._send(response)
 
-    async def _send(self, response: bytes) -> None:
-        writer = self.writer
-        if writer.is_closing():
-            return
-        writer.write(struct.pack("!H", len(response)) + response)
-        if not writer.transport.get_write_buffer_size():
-            return  # all of it is in the kernel's buffer
-        try:
-            async with asyncio.timeout(self.write_timeout_s):
-                await writer.drain()
-        except TimeoutError:
-            self._abort()
-        except ConnectionError:
-            pass
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("dns: answering a query over TCP failed", exc_info=error)
+        if self.transport is None:
+            if not self.tasks:
+                self._end()
+        elif self.ending:
+            if not self.tasks:
+                self.transport.close()
+        else:
+            if not self.tasks:
+                self.last_active = self.loop.time()
+            self._parse()
 
-    def _abort(self) -> None:
+    def _send(self, response: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(struct.pack("!H", len(response)) + response)
+
+    def _update_reading(self) -> None:
+        """Read while the connection may take more queries: not while as many as it may have
+        are in flight, nor while its replies wait for the client to take them."""
+        transport = self.transport
+        if transport is None or self.eof:  # after EOF the transport reads no more
+            return
+        wanted = not self.ending and not self.writing_paused and len(self.tasks) < self.in_flight
+        if wanted != transport.is_reading():
+            if wanted:
+                transport.resume_reading()
+            else:
+                transport.pause_reading()
+
+    def _stop(self) -> None:
+        """Read no more queries; close once the ones in flight are answered."""
+        self.ending = True
+        self.buffer.clear()
+        self._update_reading()
+        if self.transport is not None and not self.tasks:
+            self.transport.close()  # after what waits in its buffer, within the deadline
+
+    def _idle_check(self) -> None:
+        self.idle = None
+        if self.transport is None or self.ending:
+            return
+        now = self.loop.time()
+        if self.tasks or self.writing_paused:  # not idle while it waits for answers
+            self.idle = self.loop.call_at(now + self.idle_s, self._idle_check)
+        elif now < self.last_active + self.idle_s:
+            self.idle = self.loop.call_at(self.last_active + self.idle_s, self._idle_check)
+        else:
+            TCP_CLOSED_IDLE.inc()
+            self._stop()
+
+    def _write_timeout(self) -> None:
         """The client did not take a reply within the write deadline: close at once, dropping
         what it did not take (a graceful close would wait for it to read)."""
-        if not self.aborted:
-            self.aborted = True
+        self.deadline = None
+        if self.transport is not None:  # also while a graceful close waits for the client
             TCP_CLOSED_WRITE_TIMEOUT.inc()
-        self.writer.transport.abort()
+            self._cut()
 
-    async def _close(self) -> None:
-        writer = self.writer
-        writer.close()
-        try:
-            async with asyncio.timeout(self.write_timeout_s):
-                await writer.wait_closed()
-        except TimeoutError:
-            self._abort()
-        except (ConnectionError, OSError):
-            pass
+    def _end(self) -> None:
+        if self.admitted:
+            self.admitted = False
+            self.server._release(self)
+
+    def _cut(self) -> None:
+        """Close at once, dropping what waits in the transport's buffer; the queries in flight
+        end as usual, their replies unsent."""
+        self.ending = True
+        self.buffer.clear()
+        if self.transport is not None:
+            self.transport.abort()
 
     def abort(self) -> None:
+        """Close at once and cancel the queries in flight (the server is closing)."""
+        self._cut()
         for task in self.tasks:
             task.cancel()
-        self.writer.transport.abort()
 
 
 def _untie(transport: asyncio.BaseTransport) -> None:
@@ -284,7 +366,7 @@ class DnsServer:
     _udp: list[_Udp] = field(default_factory=list)
     _tcp: list[asyncio.Server] = field(default_factory=list)
     _sources: dict[str, int] = field(default_factory=dict)  # address -> its open connections
-    _connections: dict[_Tcp, asyncio.Task[object] | None] = field(default_factory=dict)
+    _connections: set[_Tcp] = field(default_factory=set)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -292,35 +374,28 @@ class DnsServer:
             udp = _Udp(self.interceptor, _udp_socket(host, port))
             loop.add_reader(udp.sock.fileno(), udp.readable)
             self._udp.append(udp)
-            self._tcp.append(await asyncio.start_server(self._serve_tcp, host, port))
+            self._tcp.append(await loop.create_server(partial(_Tcp, self), host, port))
             log.info("dns: listening on %s port %d (UDP and TCP)", host, port)
 
-    async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
-        if peer is None:  # gone before it was accepted
-            writer.transport.abort()
-            return
-        source = _source(peer)
-        count = self._sources.get(source, 0)
+    def _admit(self, connection: _Tcp) -> bool:
+        """Count a new connection from its source, unless that source has all it may have."""
+        count = self._sources.get(connection.source, 0)
         if count >= self.tcp_per_source:
-            TCP_CLOSED_SOURCE_LIMIT.inc()
-            writer.transport.abort()
-            return
-        self._sources[source] = count + 1
+            return False
+        self._sources[connection.source] = count + 1
+        self._connections.add(connection)
         TCP_CONNECTIONS.inc()
-        connection = _Tcp(self, reader, writer, source)
-        self._connections[connection] = asyncio.current_task()
-        try:
-            await connection.serve()
-        finally:
-            _untie(writer.transport)
-            del self._connections[connection]
-            TCP_CONNECTIONS.dec()
-            left = self._sources[source] - 1
-            if left:
-                self._sources[source] = left
-            else:
-                del self._sources[source]
+        return True
+
+    def _release(self, connection: _Tcp) -> None:
+        """A connection ended: closed, and all its queries done."""
+        self._connections.discard(connection)
+        TCP_CONNECTIONS.dec()
+        left = self._sources[connection.source] - 1
+        if left:
+            self._sources[connection.source] = left
+        else:
+            del self._sources[connection.source]
 
     async def close(self) -> None:
         loop = asyncio.get_running_loop()
@@ -329,9 +404,13 @@ class DnsServer:
             udp.sock.close()
         for server in self._tcp:
             server.close()
-            await server.wait_closed()
-        tasks = {task for task in self._connections.values() if task is not None}
+        tasks = {task for connection in self._connections for task in connection.tasks}
         for connection in list(self._connections):
             connection.abort()
-        if tasks:  # an aborted connection ends at its next turn of the loop
+        if tasks:
             await asyncio.wait(tasks, timeout=1.0)
+        await asyncio.sleep(0)  # an aborted connection is lost at the next turn of the loop
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                for server in self._tcp:
+                    await server.wait_closed()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import itertools
 import socket
 import struct
 import time
@@ -116,6 +117,7 @@ async def _gateway(
     idle_s: float = 10.0,
     write_timeout_s: float = 10.0,
     tcp_in_flight: int = 16,
+    tcp_per_source: int = 16,
 ) -> AsyncIterator[tuple[DnsServer, _Resolver, int]]:
     """The DNS server on a free loopback port (TCP), its upstream resolver, and the port."""
     loop = asyncio.get_running_loop()
@@ -130,6 +132,7 @@ async def _gateway(
         idle_s=idle_s,
         write_timeout_s=write_timeout_s,
         tcp_in_flight=tcp_in_flight,
+        tcp_per_source=tcp_per_source,
     )
     await server.start()
     port = server._tcp[0].sockets[0].getsockname()[1]
@@ -363,12 +366,18 @@ def test_tcp_connections_leave_no_cyclic_garbage() -> None:
     gateway = _gateway(idle_s=0.2)
     server, _resolver, port = loop.run_until_complete(gateway.__aenter__())
 
-    async def exchange(payload: bytes, *, answers: int, close: bool = True) -> None:
+    async def exchange(
+        payload: bytes, *, answers: int, close: bool = True, reset: bool = False
+    ) -> None:
         sock = socket.socket()
         sock.setblocking(False)
         try:
             await loop.sock_connect(sock, (FIRST, port))
             await loop.sock_sendall(sock, payload)
+            if reset:  # closed with an RST while the server still waits for the rest
+                await asyncio.sleep(0.01)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                return
             for _ in range(answers):
                 (length,) = struct.unpack("!H", await loop.sock_recv(sock, 2))
                 while length:
@@ -378,7 +387,10 @@ def test_tcp_connections_leave_no_cyclic_garbage() -> None:
         finally:
             sock.close()
 
+    runs = itertools.count()
+
     async def connections() -> None:
+        run = next(runs)  # names not cached yet: each run asks the upstream
         for i in range(4):
             await exchange(_frame(f"n{i}.test.example", i), answers=1)
             await exchange(
@@ -386,6 +398,115 @@ def test_tcp_connections_leave_no_cyclic_garbage() -> None:
             )
             await exchange(b"\x00\x40junk", answers=0)  # a prefix promising more than comes
             await exchange(_frame(f"k{i}.test.example", i), answers=1, close=False)
+            await exchange(_frame(f"r{i}.test.example", i)[:9], answers=0, reset=True)
+            await exchange(b"\x00\x00", answers=0)  # an empty message
+            await exchange(b"\xff\xff" + bytes(65535), answers=0)  # the largest, all junk
+            await exchange(_frame(f"slow{run}-{i}.test.example", i), answers=0, reset=True)
+        await _until(lambda: not server._connections)
+
+    try:
+        loop.run_until_complete(connections())  # first use: what is made once per daemon
+        found = cyclic_garbage(lambda: loop.run_until_complete(connections()))
+    finally:
+        loop.run_until_complete(gateway.__aexit__(None, None, None))
+        loop.close()
+    assert not found, "\n".join(found)
+
+
+def test_tcp_connections_cut_short_by_the_limits_leave_no_cyclic_garbage() -> None:
+    """As above, for connections that meet the limits: the per-source cap, the pipeline,
+    the write deadline, a dropped query, a half-close with queries in flight."""
+    loop = asyncio.new_event_loop()
+    gateway = _gateway(
+        delay_s=0.1, idle_s=0.2, write_timeout_s=0.2, tcp_in_flight=2, tcp_per_source=2
+    )
+    server, _resolver, port = loop.run_until_complete(gateway.__aenter__())
+
+    async def connect() -> socket.socket:
+        sock = socket.socket()
+        sock.setblocking(False)
+        await loop.sock_connect(sock, (FIRST, port))
+        return sock
+
+    async def answers(sock: socket.socket, count: int) -> None:
+        for _ in range(count):
+            (length,) = struct.unpack("!H", await loop.sock_recv(sock, 2))
+            while length:
+                length -= len(await loop.sock_recv(sock, length))
+
+    async def closed(sock: socket.socket) -> bool:
+        try:
+            return await asyncio.wait_for(loop.sock_recv(sock, 512), 2) == b""
+        except ConnectionResetError:
+            return True
+
+    async def pipelined(i: str) -> None:
+        with await connect() as sock:
+            queries = b"".join(_frame(f"slow{i}-{n}.test.example", n) for n in range(5))
+            await loop.sock_sendall(sock, queries)
+            await answers(sock, 5)
+
+    async def half_closed(i: str) -> None:
+        with await connect() as sock:
+            names = (f"slow{i}.test.example", f"h{i}.test.example", "x.other.example")
+            await loop.sock_sendall(sock, b"".join(_frame(name, n) for n, name in enumerate(names)))
+            sock.shutdown(socket.SHUT_WR)
+            await answers(sock, 3)
+            assert await closed(sock)
+
+    async def dropped_after_one_in_flight(i: str) -> None:
+        with await connect() as sock:
+            await loop.sock_sendall(sock, _frame(f"slow{i}.test.example", 1) + b"\x00\x00")
+            await answers(sock, 1)
+            assert await closed(sock)
+
+    async def reset_while_the_pipeline_is_full(i: str) -> None:
+        with await connect() as sock:
+            queries = b"".join(_frame(f"slow{i}-{n}.test.example", n) for n in range(4))
+            await loop.sock_sendall(sock, queries)
+            await asyncio.sleep(0.01)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    async def over_the_cap() -> None:
+        held = [await connect() for _ in range(2)]
+        try:
+            for n, sock in enumerate(held):
+                await loop.sock_sendall(sock, _frame(f"c{n}.test.example", n))
+                await answers(sock, 1)
+            with await connect() as sock:
+                assert await closed(sock)
+        finally:
+            for sock in held:
+                sock.close()
+
+    async def never_reading() -> None:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        with sock:
+            await loop.sock_connect(sock, (FIRST, port))
+            batch = _frame("x.other.example", 1) * 1000
+            for _ in range(500):
+                try:
+                    sock.send(batch)
+                except BlockingIOError:
+                    pass
+                except (ConnectionResetError, BrokenPipeError):
+                    return
+                await asyncio.sleep(0.01)
+            raise AssertionError("never disconnected")
+
+    runs = itertools.count()
+
+    async def connections() -> None:
+        run = next(runs)  # names not cached yet: each run asks the upstream
+        for i in range(3):
+            await pipelined(f"{run}-{i}")
+            await half_closed(f"{run}-{i}")
+            await dropped_after_one_in_flight(f"{run}-{i}")
+            await reset_while_the_pipeline_is_full(f"{run}-{i}")
+            await over_the_cap()
+        await never_reading()
         await _until(lambda: not server._connections)
 
     try:
