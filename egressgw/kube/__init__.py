@@ -10,6 +10,4 @@ ever written.
 It may not touch the datapath: the daemon applies what it returns. An API outage never removes
 state: the last known objects stay in force until the API answers again, except egress IPs,
 which are given up before their Lease could expire.
-
-``fake_apiserver`` is the in-process API server the tests run the official client against.
 """

@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 from dnslib import QTYPE, RCODE, DNSRecord
 
-from egressgw.datapath.fake import FakeDatapath
 from egressgw.dns.interceptor import DnsSettings, Interceptor, PolicyView
 from egressgw.dns.names import NamePolicy
 from egressgw.dns.server import DnsServer
@@ -39,6 +38,7 @@ from egressgw.policy.model import (
     Protocol,
     Snapshot,
 )
+from egressgw.testing.datapath import FakeDatapath
 from tests.conftest import require
 
 LOOPBACK = "127.0.0.1"

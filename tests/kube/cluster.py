@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from egressgw.datapath.netns import call_in
-from egressgw.kube.fake_apiserver import FakeApiServer, kubeconfig
+from egressgw.testing.apiserver import FakeApiServer, kubeconfig
 from tests.conftest import require_kernel, unique_name
 from tests.kernel.topology import tcp_listener
 

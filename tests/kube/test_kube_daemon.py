@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from egressgw.kube.fake_apiserver import FakeApiServer
+from egressgw.testing.apiserver import FakeApiServer
 from tests.conftest import require_kernel
 from tests.kube.cluster import (
     ANALYTICS_IP,

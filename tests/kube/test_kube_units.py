@@ -19,13 +19,13 @@ from kubernetes.client.exceptions import ApiException
 
 from egressgw.identity import IdentityRegistry
 from egressgw.kube.api import api_client
-from egressgw.kube.fake_apiserver import FakeApiServer, kubeconfig
 from egressgw.kube.leases import LeaseOwnership, LeaseTiming, lease_name
 from egressgw.kube.reflector import WatchSettings
 from egressgw.kube.source import KubeSource, workload_pod
 from egressgw.kube.status import StatusWriter
 from egressgw.plan import build
 from egressgw.policy.model import EgressGateway, LabelSelector, Snapshot
+from egressgw.testing.apiserver import FakeApiServer, kubeconfig
 from tests.kube.cluster import condition, gateway, namespace, node, pod, policy
 
 

@@ -12,8 +12,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
-from egressgw.datapath.fake import FakeDatapath
-from egressgw.dns.fake_upstream import FakeUpstream
 from egressgw.dns.interceptor import Deferred, DnsSettings, Interceptor, PolicyView
 from egressgw.dns.names import NamePolicy
 from egressgw.dns.upstream import Upstream
@@ -35,6 +33,8 @@ from egressgw.policy.model import (
     Protocol,
     Snapshot,
 )
+from egressgw.testing.datapath import FakeDatapath
+from egressgw.testing.upstream import FakeUpstream
 
 IP = ipaddress.ip_address
 API = IP("192.0.2.10")

@@ -21,7 +21,6 @@ from typing import cast
 from dnslib import QTYPE, RCODE, RR, A, DNSRecord
 from prometheus_client import REGISTRY
 
-from egressgw.datapath.fake import FakeDatapath
 from egressgw.dns.interceptor import DnsSettings, Interceptor, PolicyView
 from egressgw.dns.names import NamePolicy
 from egressgw.dns.server import DnsServer
@@ -40,6 +39,7 @@ from egressgw.policy.model import (
     Protocol,
     Snapshot,
 )
+from egressgw.testing.datapath import FakeDatapath
 from tests.unit.test_reference_cycles import cyclic_garbage
 
 FIRST, SECOND = "127.0.0.1", "127.0.0.2"
