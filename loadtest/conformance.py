@@ -1,94 +1,58 @@
 """Conformance of the DNS interceptor by ISC's DNS compliance tester, against its own upstream.
 
-ISC's ``genreport`` (DNS-Compliance-Testing) sends one query per test (plain DNS, header flags,
-unknown opcode, unknown type, EDNS versions, options and flags, TCP, TSIG, every query type)
-and says per test ``ok`` or what was wrong (``formerr``, ``noopt``, ``nosoa``, ``timeout``, ...).
-Here one genreport process tests, with the same flags and at the same time, the test zone at
-egressgw's interceptor and at the upstream it forwards to, reached directly: the
-difference between the two columns is what the interceptor changes. It is not part of CI.
+One ``genreport`` process tests, with the same flags, the test zone at egressgw's interceptor
+(192.0.2.1, asked from the pod 192.0.2.10) and at the upstream it forwards to, reached over a
+link of its own (203.0.113.1): the difference is what the interceptor changes. The upstream
+(``--upstream dnsmasq`` and/or ``unbound``) is authoritative for the zone. Every test
+``genreport -L`` lists but ``icmp``, in ``recursive`` (``-R``) and ``auth`` mode, each run to a
+freshly started egressgw; a test the interceptor did worse on runs again alone. Not in CI.
 
-What runs, in three network namespaces it creates and removes (``egd-<8 hex>-c/-g/-u``, built
-by ``loadtest.dns.build_net``), documentation addresses only:
-
-- client ``-c``: genreport. It asks the interceptor from 192.0.2.10, the pod
-  ``conformance/genreport`` (the interceptor answers known workloads only), and the upstream
-  over a link of its own, ``dir0`` 203.0.113.2/30 to 203.0.113.1;
-- gateway ``-g``: ``egressgw run --manifests`` on 192.0.2.1:53 (``loadtest.dns.Daemon``),
-  forwarding to 198.51.100.1. The manifests allow the zone's names (``fqdn: <zone>`` and
-  ``fqdnPattern: "**.<zone>"``) on TCP 443 to the pod;
-- upstream ``-u``: one server on 198.51.100.1 (for the interceptor) and 203.0.113.1 (direct),
-  authoritative for the test zone (SOA, NS, A 203.0.113.80, AAAA 2001:db8:80::1, MX, TXT):
-  ``--upstream dnsmasq`` (``--auth-zone``, the server of ``loadtest.dns``) and/or
-  ``--upstream unbound`` (``local-zone: static``, the Debian package ``unbound``).
-
-Tests: every test ``genreport -L`` lists, each selected with ``-i`` (EDNS, FULL, COMM and TYPE
-groups, and the TSIG test ``dnswkk``), but ``icmp``; ``--test NAME`` runs only some. genreport
-sends them 113 ms apart in its list's order (``-p``) and reports in input order (``-o``) as
-JSON (``-j``). It runs in two modes, each against a freshly started interceptor (empty cache):
-
-- ``recursive`` (``-R``): RD set on every query; expects RD echoed and no AA. That is what a
-  workload's stub resolver sends to its resolver, the interceptor's job;
-- ``auth`` (genreport's default): expects what an authoritative server does (AA on answers, RD
-  not set unless asked). It shows what the interceptor changes in an authoritative upstream's
-  answers.
-
-Per test the table gives both results and a column "interceptor worse than upstream": ``WORSE``
-when the upstream passed and the interceptor did not, ``WORSE +tag`` when both failed but the
-interceptor with a failure the upstream did not have, ``differs +tag -tag`` when each had a
-failure the other did not, ``better`` the other way round. Each test that is worse or differs
-is run again alone (``-i`` that test) to a freshly started interceptor, against both servers
-(``--no-recheck`` skips this): passing alone, its failure came from an answer cached for an
-earlier test of the run, which asked the same name and type. For those tests it lists the
-dig command that reproduces them (``genreport -D``). It also reports how egressgw counted the
-queries (``egressgw_dns_queries_total``), and the commit measured at the start and the end.
-
-Getting genreport (its code is not part of this repository): the repository is
-github.com/isc-projects/DNS-Compliance-Testing (also gitlab.isc.org), or the fork
-github.com/damaestro/DNS-Compliance-Testing. Clone either (or a local mirror of it) and build
-it in /tmp::
+genreport is not part of this repository; build it in /tmp::
 
     git clone https://github.com/damaestro/DNS-Compliance-Testing /tmp/dct
     apt-get install -y --no-install-recommends autoconf automake pkg-config libssl-dev
     cd /tmp/dct && autoreconf -fi && ./configure LIBS=-lresolv && make
 
-(libresolv comes with libc6-dev; the git tree has no ``configure`` until ``autoreconf``). This
-script also needs ``dig`` (Debian package dnsutils), to see the upstream answer before it starts.
-
-Run as root: ``python -m loadtest.conformance --genreport /tmp/dct/genreport [--upstream
-unbound] [--json PATH]``; one upstream takes about 30 s, plus 1-2 s per test run again.
-Every process started here is stopped by its pid, every genreport run is bounded in time, and
-the namespaces are removed afterwards, also on failure.
+(ISC's own repository: github.com/isc-projects/DNS-Compliance-Testing). ``dig`` (dnsutils) is
+needed too. Run as root: ``python -m loadtest.conformance --genreport /tmp/dct/genreport
+[--upstream unbound] [--json PATH]``; about 30 s per upstream. Every genreport run is bounded
+in time.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadtest.dns import (
+from loadtest.common import (
     CACHED_SOURCE,
     EGRESSGW,
     UPSTREAM,
     Daemon,
+    Metrics,
     Net,
     Proc,
-    _in,
-    _ip,
-    build_net,
+    addresses,
+    describe_git,
+    dns_net,
     dnsmasq_argv,
+    finish,
+    git_state,
+    in_ns,
+    parser,
+    preflight,
     progress,
     synth_args,
+    table,
+    veth,
     workspace,
 )
 
@@ -100,122 +64,74 @@ MODES = ("recursive", "auth")
 UPSTREAMS = ("dnsmasq", "unbound")
 SKIPPED_TESTS = ("icmp",)  # pings: genreport needs IP_STRIPHDR for it, which Linux lacks
 # tags genreport adds after "ok" (or after a failure) that say what was seen, not what is wrong
-INFO_TAGS = frozenset(
-    {"ok", "nsid", "expire", "subnet", "proxy", "cookie", "cookie+badcookie"}
-    | {"cookie-mismatch", "cookie-mismatch+badcookie"}
-)
+Report = dict[str, dict[str, str]]  # server address -> test -> its tags
+INFO_TAGS = frozenset({"ok", "nsid", "expire", "subnet", "proxy", "cookie", "cookie+badcookie",
+                       "cookie-mismatch", "cookie-mismatch+badcookie"})  # fmt: skip
 
 
 def manifests(zone: str) -> str:
-    """The pod at CACHED_SOURCE may resolve the zone's names (and loadtest.dns's probe name)."""
-    return "---\n".join(
-        [
-            "apiVersion: v1\nkind: Namespace\n"
-            "metadata: {name: conformance, labels: {project: conformance}}\n",
-            "apiVersion: egressgw.io/v1alpha1\nkind: EgressGateway\nmetadata: {name: conformance}\n"
-            "spec:\n  namespaceSelector: {matchLabels: {project: conformance}}\n"
-            '  egressIPs: ["198.51.100.10", "2001:db8:100::10"]\n',
-            "apiVersion: egressgw.io/v1alpha1\nkind: EgressPolicy\n"
-            "metadata: {name: zone, namespace: conformance}\nspec:\n  podSelector: {}\n"
-            "  egress:\n"
-            f'    - to: [{{fqdn: "{zone}"}}, {{fqdnPattern: "**.{zone}"}},'
-            ' {fqdnPattern: "*.bench.example"}]\n'
-            "      ports: [{protocol: TCP, port: 443}]\n",
-            "apiVersion: v1\nkind: Pod\nmetadata: {name: genreport, namespace: conformance, "
-            f"labels: {{app: genreport}}}}\nstatus: {{podIPs: [{{ip: {CACHED_SOURCE}}}]}}\n",
-        ]
-    )
+    """The pod at CACHED_SOURCE may resolve the zone's names (and the daemon's probe name)."""
+    return "---\n".join([
+        "apiVersion: v1\nkind: Namespace\n"
+        "metadata: {name: conformance, labels: {project: conformance}}\n",
+        "apiVersion: egressgw.io/v1alpha1\nkind: EgressGateway\nmetadata: {name: conformance}\n"
+        "spec:\n  namespaceSelector: {matchLabels: {project: conformance}}\n"
+        '  egressIPs: ["198.51.100.10", "2001:db8:100::10"]\n',
+        "apiVersion: egressgw.io/v1alpha1\nkind: EgressPolicy\n"
+        "metadata: {name: zone, namespace: conformance}\nspec:\n  podSelector: {}\n  egress:\n"
+        f'    - to: [{{fqdn: "{zone}"}}, {{fqdnPattern: "**.{zone}"}},'
+        ' {fqdnPattern: "*.bench.example"}]\n      ports: [{protocol: TCP, port: 443}]\n',
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: genreport, namespace: conformance, "
+        f"labels: {{app: genreport}}}}\nstatus: {{podIPs: [{{ip: {CACHED_SOURCE}}}]}}\n",
+    ])  # fmt: skip
 
 
 # -- the upstream --------------------------------------------------------------------------------
-def dnsmasq_upstream(zone: str) -> list[str]:
-    """dnsmasq authoritative for ``zone`` on both addresses (and synthesizing loadtest.dns's
-    names, which the daemon's start-up probe asks)."""
-    serial, refresh, retry, expire, _minimum = SOA_FIELDS.split()
-    return dnsmasq_argv(
-        UPSTREAM,
-        f"--listen-address={DIRECT}",
-        f"--auth-server=ns.{zone}",
-        f"--auth-zone={zone}",
-        f"--auth-soa={serial},hostmaster.{zone},{refresh},{retry},{expire}",
-        f"--host-record={zone},{ZONE_A},{ZONE_AAAA}",
-        f"--host-record=ns.{zone},{UPSTREAM}",
-        f"--mx-host={zone},mail.{zone},10",
-        f"--txt-record={zone},v=conformance",
-        *synth_args(),
-    )
-
-
-def unbound_conf(zone: str, directory: Path) -> str:
-    data = [
-        f"{zone}. 600 IN SOA ns.{zone}. hostmaster.{zone}. {SOA_FIELDS}",
-        f"{zone}. 600 IN NS ns.{zone}.",
-        f"{zone}. 600 IN A {ZONE_A}",
-        f"{zone}. 600 IN AAAA {ZONE_AAAA}",
-        f"{zone}. 600 IN MX 10 mail.{zone}.",
-        f'{zone}. 600 IN TXT "v=conformance"',
-        f"ns.{zone}. 600 IN A {UPSTREAM}",
-        "h-203-0-113-1.bench.example. 300 IN A 203.0.113.1",
-    ]
-    lines = [
-        "server:",
-        f"  interface: {UPSTREAM}",
-        f"  interface: {DIRECT}",
-        "  port: 53",
-        "  do-daemonize: no",
-        "  use-syslog: no",
-        '  logfile: ""',
-        '  chroot: ""',
-        '  username: ""',
-        f'  directory: "{directory}"',
-        '  pidfile: ""',
-        "  do-ip6: no",
-        "  num-threads: 1",
-        "  access-control: 0.0.0.0/0 allow",
-        '  module-config: "iterator"',
-        f'  local-zone: "{zone}." static',
-        '  local-zone: "bench.example." static',
-        *(f"  local-data: '{record}'" for record in data),
-        "remote-control:",
-        "  control-enable: no",
-    ]
-    return "\n".join(lines) + "\n"
+def upstream_argv(kind: str, zone: str, workdir: Path) -> list[str]:
+    """dnsmasq or unbound authoritative for ``zone`` on both addresses, also answering the
+    daemon's start-up probe name."""
+    if kind == "dnsmasq":
+        serial, refresh, retry, expire, _minimum = SOA_FIELDS.split()
+        return dnsmasq_argv(
+            UPSTREAM, f"--listen-address={DIRECT}", f"--auth-server=ns.{zone}",
+            f"--auth-zone={zone}",
+            f"--auth-soa={serial},hostmaster.{zone},{refresh},{retry},{expire}",
+            f"--host-record={zone},{ZONE_A},{ZONE_AAAA}", f"--host-record=ns.{zone},{UPSTREAM}",
+            f"--mx-host={zone},mail.{zone},10", f"--txt-record={zone},v=conformance",
+            *synth_args())  # fmt: skip
+    data = [f"{zone}. 600 IN SOA ns.{zone}. hostmaster.{zone}. {SOA_FIELDS}",
+            f"{zone}. 600 IN NS ns.{zone}.", f"{zone}. 600 IN A {ZONE_A}",
+            f"{zone}. 600 IN AAAA {ZONE_AAAA}", f"{zone}. 600 IN MX 10 mail.{zone}.",
+            f'{zone}. 600 IN TXT "v=conformance"', f"ns.{zone}. 600 IN A {UPSTREAM}",
+            "h-203-0-113-1.bench.example. 300 IN A 203.0.113.1"]  # fmt: skip
+    conf = [f"  interface: {UPSTREAM}", f"  interface: {DIRECT}", "  port: 53",
+            "  do-daemonize: no", "  use-syslog: no", '  logfile: ""', '  chroot: ""',
+            '  username: ""', f'  directory: "{workdir}"', '  pidfile: ""', "  do-ip6: no",
+            "  num-threads: 1", "  access-control: 0.0.0.0/0 allow",
+            '  module-config: "iterator"', f'  local-zone: "{zone}." static',
+            '  local-zone: "bench.example." static',
+            *(f"  local-data: '{r}'" for r in data)]  # fmt: skip
+    path = workdir / "unbound.conf"
+    path.write_text("\n".join(["server:", *conf, "remote-control:", "  control-enable: no", ""]))
+    return ["unbound", "-d", "-c", str(path)]
 
 
 def start_upstream(kind: str, net: Net, workdir: Path, zone: str) -> Proc:
-    log = workdir / f"{kind}.log"
-    if kind == "dnsmasq":
-        argv = dnsmasq_upstream(zone)
-    else:
-        conf = workdir / "unbound.conf"
-        conf.write_text(unbound_conf(zone, workdir))
-        argv = ["unbound", "-d", "-c", str(conf)]
-    proc = Proc(f"{kind} upstream", _in(net.upstream, None, *argv), log)
+    argv = in_ns(net.upstream, *upstream_argv(kind, zone, workdir))
+    proc = Proc(f"{kind} upstream", argv, workdir / f"{kind}.log")
     deadline = time.monotonic() + 10
-    while True:
+    while " SOA " not in (answer := dig(net, DIRECT, "SOA", zone)).replace("\t", " "):
         proc.check()
-        answer = dig(net, DIRECT, "SOA", zone)
-        if " SOA " in answer.replace("\t", " "):
-            return proc
         if time.monotonic() > deadline:
             raise RuntimeError(f"{kind} does not answer SOA {zone} on {DIRECT}:\n{answer}")
         time.sleep(0.2)
+    return proc
 
 
 def dig(net: Net, server: str, qtype: str, name: str) -> str:
-    argv = _in(net.client, None, "dig", f"@{server}", qtype, name, "+tries=1", "+time=1")
-    argv += ["+noall", "+answer"]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
-    return done.stdout
-
-
-def direct_link(net: Net) -> None:
-    """A veth between the client and the upstream, so genreport asks the upstream directly."""
-    _ip(net.client, "link", "add", "dir0", "type", "veth", "peer", "name", "dir0", "netns",
-        net.upstream)  # fmt: skip
-    for ns, address in ((net.client, DIRECT_CLIENT), (net.upstream, DIRECT)):
-        _ip(ns, "addr", "add", f"{address}/30", "dev", "dir0")
-        _ip(ns, "link", "set", "dir0", "up")
+    argv = in_ns(net.client, "dig", f"@{server}", qtype, name, "+tries=1", "+time=1", "+noall",
+                 "+answer")  # fmt: skip
+    return subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False).stdout
 
 
 # -- genreport -----------------------------------------------------------------------------------
@@ -229,40 +145,29 @@ class Test:
 def list_tests(genreport: str) -> list[Test]:
     listed = subprocess.run([genreport, "-L"], capture_output=True, text=True, timeout=10)
     digs = subprocess.run([genreport, "-D"], capture_output=True, text=True, timeout=10)
-    commands = {}
-    for line in digs.stdout.splitlines():
-        name, _, command = line.partition(" ")
-        commands[name] = command.strip().strip("'")
-    tests = []
-    for line in listed.stdout.splitlines():
-        name, *groups = line.split()
-        tests.append(Test(name, " ".join(groups), commands.get(name, "")))
+    lines = (line.partition(" ") for line in digs.stdout.splitlines())
+    commands = {name: command.strip().strip("'") for name, _, command in lines}
+    tests = [Test(name, " ".join(groups), commands.get(name, ""))
+             for name, *groups in map(str.split, listed.stdout.splitlines())]  # fmt: skip
     if not tests:
         raise RuntimeError(f"{genreport} -L listed no tests: {listed.stderr[-500:]}")
     return tests
 
 
-def parse_report(text: str) -> dict[str, dict[str, str]]:
+def parse_report(text: str) -> Report:
     """genreport -j output: server address -> test -> its tags, e.g. "ok" or "noopt,formerr".
 
     Each server's report is one line (``{ "zone": ... }``), read line by line: the document
-    around them is not complete when genreport dies after printing them (see ``run_genreport``).
-    """
+    around them is not complete when genreport dies after printing them (see ``genreport``)."""
     found: dict[str, dict[str, str]] = {}
-    decoder = json.JSONDecoder()
     for line in text.splitlines():
-        if not line.startswith('{ "zone"'):
-            continue
-        entry, _end = decoder.raw_decode(line)  # the separator "," follows on the same line
-        if "tests" in entry:
-            found[entry["address"]] = {k: v for k, v in entry["tests"].items() if k != "signed"}
-        elif "summary" in entry:
-            found[entry["address"]] = {"*": entry["summary"]}
+        if line.startswith('{ "zone"'):
+            entry, _end = json.JSONDecoder().raw_decode(line)  # the separator "," follows
+            if "tests" in entry:
+                found[entry["address"]] = {k: v for k, v in entry["tests"].items() if k != "signed"}
+            elif "summary" in entry:
+                found[entry["address"]] = {"*": entry["summary"]}
     return found
-
-
-def failures(tags: str) -> frozenset[str]:
-    return frozenset(tags.split(",")) - INFO_TAGS
 
 
 def passed(tags: str) -> bool:
@@ -273,12 +178,10 @@ def verdict(upstream: str, interceptor: str) -> str:
     """The "interceptor worse than upstream" cell."""
     if "skipped" in (upstream, interceptor) or not upstream or not interceptor:
         return "not run"
-    if passed(upstream) and not passed(interceptor):
-        return "WORSE"
-    if passed(interceptor) and not passed(upstream):
-        return "better"
-    added = failures(interceptor) - failures(upstream)
-    removed = failures(upstream) - failures(interceptor)
+    if passed(upstream) != passed(interceptor):
+        return "better" if passed(interceptor) else "WORSE"
+    failures = [frozenset(tags.split(",")) - INFO_TAGS for tags in (upstream, interceptor)]
+    added, removed = failures[1] - failures[0], failures[0] - failures[1]
     if added and removed:
         return f"differs +{','.join(sorted(added))} -{','.join(sorted(removed))}"
     if added:
@@ -309,7 +212,6 @@ class Run:
     seconds: float
     rows: list[Row] = field(default_factory=list)
     egressgw_counters: dict[str, float] = field(default_factory=dict)
-    stderr: str = ""
 
     def count(self, column: str) -> int:
         return sum(passed(getattr(row, column)) for row in self.rows)
@@ -319,54 +221,16 @@ class Run:
         return [row for row in self.rows if row.worse.startswith("WORSE")]
 
 
-def run_genreport(
-    net: Net,
-    genreport: str,
-    tests: Sequence[Test],
-    mode: str,
-    zone: str,
-    timeout: float,
-) -> tuple[list[str], str, str, int, float]:
-    """One genreport process against both servers: (its flags, stdout, stderr, exit status,
-    seconds). Given two servers, this genreport aborts (``free(): invalid pointer``, SIGABRT)
-    after it has printed both reports; the caller checks that both are there."""
-    flags = ["-j", "-o", "-p", *(["-R"] if mode == "recursive" else [])]
-    argv = [genreport, *flags]
-    for test in tests:
-        argv += ["-i", test.name]
-    lines = f"{zone} egressgw {EGRESSGW}\n{zone} upstream {DIRECT}\n"
-    started = time.monotonic()
-    done = subprocess.run(
-        _in(net.client, None, *argv),
-        input=lines,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    seconds = time.monotonic() - started
-    return [*flags, "-i <each test>"], done.stdout, done.stderr, done.returncode, seconds
-
-
-def queries_counted(daemon: Daemon) -> dict[str, float]:
-    return {
-        name.removeprefix("egressgw_dns_queries_total"): value
-        for name, value in daemon.scrape().counters.items()
-        if name.startswith("egressgw_dns_queries_total")
-    }
-
-
-# -- the run -------------------------------------------------------------------------------------
-@dataclass(frozen=True)
+@dataclass
 class Options:
-    genreport: str
-    upstreams: tuple[str, ...] = ("dnsmasq",)
-    modes: tuple[str, ...] = MODES
+    genreport: str = ""
+    upstreams: list[str] = field(default_factory=list)
+    modes: list[str] = field(default_factory=list)
     zone: str = ZONE
-    tests: tuple[str, ...] = ()
+    tests: list[str] = field(default_factory=list)
     recheck: bool = True
     timeout: float = 120.0
-    daemon_args: tuple[str, ...] = ()
+    daemon_args: list[str] = field(default_factory=list)
     json_path: str | None = None
     keep: bool = False
 
@@ -379,65 +243,59 @@ class Results:
     notes: list[str] = field(default_factory=list)
 
 
-def git_state() -> dict[str, Any]:
-    repo = Path(__file__).resolve().parents[1]
-
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True)
-        return done.stdout.strip()
-
-    return {
-        "commit": git("log", "-1", "--oneline"),
-        "egressgw_status": git("status", "--short", "egressgw/").splitlines(),
-    }
-
-
 class Conformance:
     """The upstreams, the daemon and genreport runs in one set of namespaces."""
 
     def __init__(self, net: Net, workdir: Path, options: Options, results: Results) -> None:
-        self.net, self.workdir, self.options, self.results = net, workdir, options, results
+        self.net, self.workdir, self.o, self.results = net, workdir, options, results
         tests = [t for t in list_tests(options.genreport) if t.name not in SKIPPED_TESTS]
-        if options.tests:
-            tests = [t for t in tests if t.name in options.tests]
-        self.tests = tests
-        self.daemon = Daemon(net, workdir, 0, options.daemon_args, None)
+        self.tests = [t for t in tests if not options.tests or t.name in options.tests]
+        self.daemon = Daemon(net, workdir, 0, options.daemon_args)
         self.runs = 0
         self.aborted: list[int] = []  # exit statuses of genreport runs that died after reporting
 
-    def fresh_daemon(self) -> None:
-        """egressgw restarted: an empty cache, nothing remembered."""
+    def fresh_daemon(self) -> Metrics:
+        """egressgw restarted, an empty cache: its metrics to start from."""
         self.daemon.stop()
-        self.daemon.start("asyncio")
+        self.daemon.start()
+        return self.daemon.metrics()
 
     def genreport(
         self, label: str, mode: str, tests: Sequence[Test]
-    ) -> tuple[list[str], dict[str, dict[str, str]], float]:
-        """One genreport run against both servers: (its flags, report per server, seconds)."""
-        o = self.options
-        flags, out, err, status, seconds = run_genreport(
-            self.net, o.genreport, tests, mode, o.zone, o.timeout
-        )
+    ) -> tuple[list[str], Report, float]:
+        """One genreport process against both servers: (its flags, report per server, seconds).
+        Given two servers, genreport aborts (``free(): invalid pointer``) after printing both
+        reports; both are checked."""
+        flags = ["-j", "-o", "-p", *(["-R"] if mode == "recursive" else [])]
+        argv = [self.o.genreport, *flags, *(a for t in tests for a in ("-i", t.name))]
+        started = time.monotonic()
+        done = subprocess.run(in_ns(self.net.client, *argv), capture_output=True, text=True,
+                              input=f"{self.o.zone} egressgw {EGRESSGW}\n{self.o.zone} upstream "
+                              f"{DIRECT}\n", timeout=self.o.timeout, check=False)  # fmt: skip
+        seconds = time.monotonic() - started
         self.runs += 1
-        (self.workdir / f"genreport-{self.runs:03d}-{label}.json").write_text(out + err)
-        report = parse_report(out)
+        out = self.workdir / f"genreport-{self.runs:03d}-{label}.json"
+        out.write_text(done.stdout + done.stderr)
+        report = parse_report(done.stdout)
         if set(report) != {EGRESSGW, DIRECT}:
             raise RuntimeError(
-                f"genreport exited with {status} and reported {sorted(report)}:\n"
-                f"{out[-1000:]}\n{err[-1000:]}"
+                f"genreport exited with {done.returncode} and reported "
+                f"{sorted(report)}:\n{done.stdout[-1000:]}\n{done.stderr[-1000:]}"
             )
-        if status != 0:
-            self.aborted.append(status)
-        return flags, report, seconds
+        if done.returncode != 0:
+            self.aborted.append(done.returncode)
+        return [*flags, "-i <each test>"], report, seconds
 
     def run(self) -> None:
-        direct_link(self.net)
+        veth(self.net.client, "dir0", self.net.upstream, "dir0")
+        addresses(self.net.client, ("dir0", f"{DIRECT_CLIENT}/30"))
+        addresses(self.net.upstream, ("dir0", f"{DIRECT}/30"))
         (self.workdir / "manifests").mkdir()
-        (self.workdir / "manifests" / "conformance.yaml").write_text(manifests(self.options.zone))
-        for kind in self.options.upstreams:
-            upstream = start_upstream(kind, self.net, self.workdir, self.options.zone)
+        (self.workdir / "manifests" / "conformance.yaml").write_text(manifests(self.o.zone))
+        for kind in self.o.upstreams:
+            upstream = start_upstream(kind, self.net, self.workdir, self.o.zone)
             try:
-                for mode in self.options.modes:
+                for mode in self.o.modes:
                     self.one(kind, mode)
             finally:
                 self.daemon.stop()
@@ -445,93 +303,74 @@ class Conformance:
 
     def one(self, kind: str, mode: str) -> None:
         self.aborted = []
-        self.fresh_daemon()
-        before = queries_counted(self.daemon)
+        before = self.fresh_daemon()
         progress(f"genreport ({mode}) against egressgw and {kind}, {len(self.tests)} tests")
         flags, report, seconds = self.genreport(f"{kind}-{mode}", mode, self.tests)
-        after = queries_counted(self.daemon)
+        counted = self.daemon.metrics().minus(before).matching("egressgw_dns_queries_total")
         run = Run(kind, mode, flags, round(seconds, 1))
-        run.egressgw_counters = {
-            k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0)
-        }
+        run.egressgw_counters = {k.removeprefix("egressgw_dns_queries_total"): v
+                                 for k, v in counted.items()}  # fmt: skip
         ours, theirs = report[EGRESSGW], report[DIRECT]
         for test in self.tests:
             up, ic = theirs.get(test.name, ""), ours.get(test.name, "")
             run.rows.append(Row(test.name, test.groups, up, ic, verdict(up, ic)))
-        if self.daemon.proc is not None:
-            self.daemon.proc.check()  # still alive after the run
-        recheck = [row for row in run.rows if row.rechecked] if self.options.recheck else []
+        assert self.daemon.proc is not None
+        self.daemon.proc.check()  # still alive after the run
+        recheck = [row for row in run.rows if row.rechecked] if self.o.recheck else []
         if recheck:
             progress(f"  {len(recheck)} tests again, each alone to a freshly started egressgw")
         by_name = {t.name: t for t in self.tests}
         for row in recheck:
             self.fresh_daemon()
-            _flags, alone, _seconds = self.genreport(f"{kind}-{mode}-{row.test}", mode,
-                                                     [by_name[row.test]])  # fmt: skip
+            alone = self.genreport(f"{kind}-{mode}-{row.test}", mode, [by_name[row.test]])[1]
             row.alone = alone[EGRESSGW].get(row.test, "")
             row.alone_upstream = alone[DIRECT].get(row.test, "")
         if self.aborted:
             self.results.notes.append(
                 f"{kind}/{mode}: genreport died with {sorted(set(self.aborted))} after printing "
                 f"both reports in {len(self.aborted)} of its runs (its own free(): invalid "
-                "pointer when given two servers); every report was complete"
-            )
+                "pointer when given two servers); every report was complete")  # fmt: skip
         self.results.runs.append(run)
 
 
 # -- report --------------------------------------------------------------------------------------
 def render(results: Results, tests: dict[str, Test]) -> str:
     out: list[str] = []
+    zone = results.options["zone"]
     for run in results.runs:
-        out += [
-            "",
-            f"genreport {run.mode} ({' '.join(run.flags)}), zone {results.options['zone']}: "
-            f"egressgw {EGRESSGW} in front of {run.upstream_kind}, and {run.upstream_kind} "
-            f"{DIRECT} directly ({run.seconds:g} s)",
-            "",
-        ]
-        head = ("test", "group", f"upstream ({run.upstream_kind})", "interceptor (egressgw)",
-                "interceptor worse than upstream")  # fmt: skip
-        cells = [
-            (r.test, r.groups, r.upstream or "-", r.interceptor or "-", r.worse) for r in run.rows
-        ]
-        widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
-        alone_head = "alone, fresh egressgw" if any(r.alone for r in run.rows) else ""
-        titles = "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))
-        out.append(f"{titles}  {alone_head}".rstrip())
-        for texts, row in zip(cells, run.rows, strict=True):
-            line = "  ".join(c.ljust(w) for c, w in zip(texts, widths, strict=True))
-            alone = row.alone
-            if alone and row.alone_upstream != row.upstream:
-                alone += f" (upstream alone: {row.alone_upstream})"
-            out.append(f"{line}  {alone}".rstrip())
-        worse = run.worse
+        kind = run.upstream_kind
+        out += ["", f"genreport {run.mode} ({' '.join(run.flags)}), zone {zone}: egressgw "
+                f"{EGRESSGW} in front of {kind}, and {kind} {DIRECT} directly ({run.seconds:g} s)",
+                ""]  # fmt: skip
+        head = ("test", "group", f"upstream ({kind})", "interceptor (egressgw)",
+                "interceptor worse than upstream",
+                "alone, fresh egressgw" if any(r.alone for r in run.rows) else "")  # fmt: skip
+        out += table(head, [
+            (r.test, r.groups, r.upstream or "-", r.interceptor or "-", r.worse, r.alone
+             + (f" (upstream alone: {r.alone_upstream})"
+                if r.alone and r.alone_upstream != r.upstream else ""))
+            for r in run.rows])  # fmt: skip
         better = [r.test for r in run.rows if r.worse == "better"]
         differs = [r.test for r in run.rows if r.worse.startswith("differs")]
         rechecked = [r for r in run.rows if r.alone]
-        fine_alone = [r.test for r in rechecked if not verdict(r.alone_upstream, r.alone)
-                      or verdict(r.alone_upstream, r.alone) == "better"]  # fmt: skip
-        out += [
-            "",
-            f"summary ({run.upstream_kind}, {run.mode}): {len(run.rows)} tests; ok at the "
-            f"upstream {run.count('upstream')}, at the interceptor {run.count('interceptor')}; "
-            f"interceptor worse on {len(worse)}"
-            + (f" ({', '.join(r.test for r in worse)})" if worse else "")
-            + (f"; better on {len(better)} ({', '.join(better)})" if better else "")
-            + (f"; differs on {len(differs)} ({', '.join(differs)})" if differs else ""),
-        ]
+        fine_alone = [r.test for r in rechecked
+                      if verdict(r.alone_upstream, r.alone) in ("", "better")]  # fmt: skip
+        out += ["", f"summary ({kind}, {run.mode}): {len(run.rows)} tests; ok at the upstream "
+                f"{run.count('upstream')}, at the interceptor {run.count('interceptor')}; "
+                f"interceptor worse on {len(run.worse)}"
+                + (f" ({', '.join(r.test for r in run.worse)})" if run.worse else "")
+                + (f"; better on {len(better)} ({', '.join(better)})" if better else "")
+                + (f"; differs on {len(differs)} ({', '.join(differs)})" if differs else
+                   "")]  # fmt: skip
         if rechecked:
-            out.append(
-                f"run alone to a fresh egressgw, {len(fine_alone)} of those {len(rechecked)} "
-                "are no worse than the upstream: their failure was an answer cached for an "
-                "earlier test" + (f" ({', '.join(fine_alone)})" if fine_alone else "")
-            )
+            out.append(f"run alone to a fresh egressgw, {len(fine_alone)} of those "
+                       f"{len(rechecked)} are no worse than the upstream: their failure was an "
+                       "answer cached for an earlier test"
+                       + (f" ({', '.join(fine_alone)})" if fine_alone else ""))  # fmt: skip
         if any(r.rechecked for r in run.rows):
             out.append("reproduce (from the client namespace, @192.0.2.1 vs @203.0.113.1):")
-            for row in run.rows:
-                if not row.rechecked:
-                    continue
-                command = tests[row.test].dig.replace("<zone>", results.options["zone"])
+            for row in filter(lambda r: r.rechecked, run.rows):
+                command = tests[row.test].dig.replace("<zone>", zone)
                 if command.startswith("###"):
                     command += "  (genreport: dig cannot send this one)"
                 elif run.mode == "recursive" and "+rec" not in command:
@@ -543,100 +382,59 @@ def render(results: Results, tests: dict[str, Test]) -> str:
     out += ["", "summary (worse: not counting tests the interceptor merely differs on):"]
     for run in results.runs:
         rechecked = [r for r in run.rows if r.alone]
-        still = [r.test for r in rechecked if verdict(r.alone_upstream, r.alone).startswith(
-            ("WORSE", "differs"))]  # fmt: skip
+        verdicts = {r.test: verdict(r.alone_upstream, r.alone) for r in rechecked}
+        still = [t for t, v in verdicts.items() if v.startswith(("WORSE", "differs"))]
         alone = f"; alone, worse on {len(still)} of {len(rechecked)}" if rechecked else ""
-        if still:
-            alone += f" ({', '.join(still)})"
-        out.append(
-            f"  {run.upstream_kind:<8} {run.mode:<10} ok upstream {run.count('upstream'):>3}/"
-            f"{len(run.rows)}, interceptor {run.count('interceptor'):>3}/{len(run.rows)}, "
-            f"interceptor worse on {len(run.worse)}{alone}"
-        )
-    m = results.machine
+        alone += f" ({', '.join(still)})" if still else ""
+        out.append(f"  {run.upstream_kind:<8} {run.mode:<10} ok upstream "
+                   f"{run.count('upstream'):>3}/{len(run.rows)}, interceptor "
+                   f"{run.count('interceptor'):>3}/{len(run.rows)}, interceptor worse on "
+                   f"{len(run.worse)}{alone}")  # fmt: skip
     for when in ("start", "end"):
-        state = m.get(when)
-        if not state:
-            continue
-        status = ", ".join(s.strip() for s in state["egressgw_status"]) or "none"
-        out.append(f"egressgw at the {when}: {state['commit']}; uncommitted in egressgw/: {status}")
+        if when in results.machine:
+            out.append(f"egressgw at the {when}: {describe_git(results.machine[when])}")
     if results.notes:
         out += ["", "notes:"] + [f"  {n}" for n in results.notes]
     return "\n".join(out)
 
 
 def parse(argv: Sequence[str]) -> Options:
-    p = argparse.ArgumentParser(
-        prog="python -m loadtest.conformance",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = parser("conformance", __doc__, Options())
     add = p.add_argument
     add("--genreport", required=True, metavar="PATH", help="the built genreport binary")
-    add("--upstream", action="append", choices=UPSTREAMS,
+    add("--upstream", dest="upstreams", action="append", choices=UPSTREAMS,
         help="server behind the interceptor, repeatable (default: dnsmasq)")  # fmt: skip
-    add("--mode", action="append", choices=MODES, help="genreport mode, repeatable (both)")
-    add("--zone", default=ZONE, help="the test zone (%(default)s)")
-    add("--test", action="append", default=[], metavar="NAME", help="only these tests")
-    add("--no-recheck", action="store_true",
+    add("--mode", dest="modes", action="append", choices=MODES,
+        help="genreport mode, repeatable (default: both)")  # fmt: skip
+    add("--zone", help="the test zone (%(default)s)")
+    add("--test", dest="tests", action="append", metavar="NAME", help="only these tests")
+    add("--no-recheck", dest="recheck", action="store_false",
         help="do not run the tests the interceptor did worse on again, each alone")  # fmt: skip
-    add("--timeout", type=float, default=120.0, help="seconds per genreport run (%(default)s)")
-    add("--daemon-arg", action="append", default=[], metavar="ARG", help="for egressgw run")
-    add("--json", dest="json_path", metavar="PATH", help="write the results as JSON")
+    add("--timeout", type=float, help="seconds per genreport run (%(default)s)")
+    add("--daemon-arg", dest="daemon_args", action="append", metavar="ARG", help="for egressgw run")
     add("--keep", action="store_true", help="keep the work directory (logs, genreport output)")
-    a = p.parse_args(argv)
-    genreport = shutil.which(a.genreport) or a.genreport
+    o = Options(**vars(p.parse_args(argv)))
+    genreport = shutil.which(o.genreport) or o.genreport
     if not os.access(genreport, os.X_OK):
-        p.error(f"--genreport {a.genreport}: not an executable (see the build steps in --help)")
-    return Options(
-        genreport=str(Path(genreport).resolve()),
-        upstreams=tuple(dict.fromkeys(a.upstream or ["dnsmasq"])),
-        modes=tuple(dict.fromkeys(a.mode or MODES)),
-        zone=a.zone.strip(".").lower(),
-        tests=tuple(a.test),
-        recheck=not a.no_recheck,
-        timeout=a.timeout,
-        daemon_args=tuple(a.daemon_arg),
-        json_path=a.json_path,
-        keep=a.keep,
-    )
-
-
-def _terminate(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
-@contextmanager
-def namespaces() -> Iterator[Net]:
-    net = build_net()
-    try:
-        yield net
-    finally:
-        net.close()
+        p.error(f"--genreport {o.genreport}: not an executable (see the build steps in --help)")
+    o.genreport = str(Path(genreport).resolve())
+    o.upstreams = list(dict.fromkeys(o.upstreams or ["dnsmasq"]))
+    o.modes = list(dict.fromkeys(o.modes or MODES))
+    o.zone = o.zone.strip(".").lower()
+    return o
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse(sys.argv[1:] if argv is None else argv)
-    if os.geteuid() != 0:
-        print("needs root (network namespaces, nftables)", file=sys.stderr)
+    if not preflight(("ip", "nft", "dig", "taskset", *options.upstreams)):
         return 2
-    needed = ["ip", "nft", "dig", "taskset", *options.upstreams]
-    missing = [t for t in needed if not shutil.which(t)]
-    if missing:
-        print(f"missing commands: {', '.join(missing)}", file=sys.stderr)
-        return 2
-    signal.signal(signal.SIGTERM, _terminate)
     results = Results(machine={"start": git_state()}, options=asdict(options))
-    with workspace(options.keep) as workdir, namespaces() as net:
-        progress(f"namespaces {net.tag}-{{c,g,u}}, work directory {workdir}")
+    with workspace(options.keep) as workdir, dns_net() as net:
+        progress(f"work directory {workdir}")
         Conformance(net, workdir, options, results).run()
     results.machine["end"] = git_state()
     tests = {t.name: t for t in list_tests(options.genreport)}
-    print(render(results, tests))
-    if options.json_path:
-        Path(options.json_path).write_text(json.dumps(asdict(results), indent=2) + "\n")
-        progress(f"results written to {options.json_path}")
-    return 0
+    return finish(render(results, tests), results, options.json_path)
 
 
 if __name__ == "__main__":
