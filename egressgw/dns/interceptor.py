@@ -25,11 +25,12 @@ it is bounded by the socket timeout, which is set to ``program_timeout_s``.
 
 One thread owns this state: the event loop's. A new plan is ``offer``ed from the thread that
 computed it (one reference, taken by the loop at its next query or answer), after the datapath
-made it the policy in force. What was remembered (ready replies, what is programmed) for an
-identity whose learned elements a reconcile removes or rewrites is dropped as soon as the
-datapath's ``epoch`` moves, which it does before the kernel changes; when the new plan is taken,
-what was remembered for an identity it decides differently, or for a source that now belongs to
-another identity or to none, is dropped too. The rest stands, so a big reconcile does not turn
+made it the policy in force. What is remembered between queries (ready replies, what is
+programmed) lives in ``dns.memo`` with every rule that makes it stale: for an identity whose
+learned elements a reconcile removes or rewrites it is dropped as soon as the datapath's
+``epoch`` moves, which it does before the kernel changes; when the new plan is taken, what was
+remembered for an identity it decides differently, or for a source that now belongs to another
+identity or to none, is dropped too. The rest stands, so a big reconcile does not turn
 every repeated query into a programming call that waits for the kernel. An answer decided under
 an older plan is decided again under the new one before it is released; the datapath refuses
 elements offered under a plan that is not in force (``StalePolicy``), and an answer waits for a
@@ -38,20 +39,20 @@ busy datapath only as long as its programming bound (then SERVFAIL).
 
 from __future__ import annotations
 
-import heapq
 import ipaddress
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
 from egressgw import metrics
 from egressgw.datapath.kernel import DatapathBusy, StalePolicy
-from egressgw.datapath.keys import parse_address
-from egressgw.datapath.state import Learned, PortAtom, atom_order
+from egressgw.datapath.state import PortAtom
+from egressgw.dns.budget import AddressBudget, RateLimiter, Source, learned_elements
 from egressgw.dns.cache import Answer, AnswerCache, prepare
+from egressgw.dns.memo import Memo
 from egressgw.dns.names import NameDecision, NamePolicy
 from egressgw.dns.upstream import UpstreamError
 from egressgw.dns.wire import (
@@ -80,7 +81,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("egressgw.dns")
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-Source = str  # the query's source address as the socket reports it
 Clock = Callable[[], float]
 CAP_LOG_INTERVAL_S = 60.0
 DROP = b""  # ``ready``'s answer for a query that gets no reply
@@ -193,129 +193,6 @@ class Deferred(NamedTuple):
     names: NamePolicy  # the plan it was decided under
 
 
-class _Budget:
-    """Addresses learned per identity, for the per-identity cap (oldest expiring evicted).
-
-    Per identity: packed address -> (expiry, port atoms), and a heap of (expiry, address) with
-    lazy deletion, so admitting an answer costs O(addresses log n) even at the cap.
-    """
-
-    def __init__(self) -> None:
-        self.known: dict[int, dict[bytes, tuple[float, tuple[PortAtom, ...]]]] = {}
-        self.heaps: dict[int, list[tuple[float, bytes]]] = {}
-
-    def admit(
-        self,
-        identity: int,
-        addresses: Sequence[IPAddress],
-        atoms: tuple[PortAtom, ...],
-        until: float,
-        cap: int,
-    ) -> list[Learned]:
-        """Record addresses; returns the elements to revoke to stay within ``cap``."""
-        known = self.known.setdefault(identity, {})
-        heap = self.heaps.setdefault(identity, [])
-        fresh = set()
-        for address in addresses:
-            key = address.packed
-            fresh.add(key)
-            old = known.get(key)
-            if old is None:
-                known[key] = (until, atoms)
-            elif old[0] >= until and set(atoms) <= set(old[1]):
-                continue
-            else:
-                merged = tuple(sorted(set(atoms) | set(old[1]), key=atom_order))
-                known[key] = (max(until, old[0]), merged)
-            heapq.heappush(heap, (known[key][0], key))
-        evicted: list[Learned] = []
-        kept_back: list[tuple[float, bytes]] = []
-        while len(known) > cap and heap:
-            expiry, key = heapq.heappop(heap)
-            entry = known.get(key)
-            if entry is None or entry[0] != expiry:
-                continue  # superseded by a later expiry
-            if key in fresh:
-                kept_back.append((expiry, key))  # never evict what this answer releases
-                continue
-            del known[key]
-            evicted.extend(_learned(identity, [parse_address(key)], entry[1]))
-        for item in kept_back:
-            heapq.heappush(heap, item)
-        if len(heap) > 2 * len(known) + 1024:  # drop superseded entries now and then
-            heap[:] = [(exp, key) for key, (exp, _atoms) in known.items()]
-            heapq.heapify(heap)
-        return evicted
-
-    def forget_expired(self, now: float) -> int:
-        """Forget addresses whose elements the kernel has expired by ``now``; how many."""
-        dropped = 0
-        for identity, heap in list(self.heaps.items()):
-            known = self.known.get(identity, {})
-            while heap and heap[0][0] <= now:
-                expiry, key = heapq.heappop(heap)
-                entry = known.get(key)
-                if entry is not None and entry[0] == expiry:  # not refreshed since
-                    del known[key]
-                    dropped += 1
-            if not known:
-                del self.heaps[identity]
-                self.known.pop(identity, None)
-        return dropped
-
-    def retain(self, identities: Iterable[int]) -> None:
-        """Forget identities that no longer exist."""
-        keep = set(identities)
-        for gone in [i for i in self.known if i not in keep]:
-            del self.known[gone]
-            self.heaps.pop(gone, None)
-
-
-def _learned(
-    identity: int, addresses: Iterable[IPAddress], atoms: Iterable[PortAtom]
-) -> list[Learned]:
-    atoms = tuple(atoms)
-    return [Learned(identity, a, proto, (lo, hi)) for a in addresses for proto, lo, hi in atoms]
-
-
-class _RateLimiter:
-    """Per source a token bucket, kept as one number: the time by which its queries so far are
-    paid for at ``rate`` (GCRA). A query is allowed while that time, plus the query's own cost,
-    is at most ``burst`` queries' worth ahead of now. Sources that owe nothing are forgotten in
-    bulk when ``max_sources`` are tracked."""
-
-    def __init__(self, rate: float, burst: float, max_sources: int = 65536) -> None:
-        self.interval = 1.0 / rate
-        self.tolerance = burst * self.interval * (1 + 1e-9)  # sums of intervals round up
-        self.max_sources = max_sources
-        self._paid_until: dict[Source, float] = {}
-
-    @property
-    def tracked(self) -> int:
-        return len(self._paid_until)
-
-    def forget_paid(self, now: float) -> int:
-        """Forget the sources that owe nothing by ``now``; how many."""
-        before = len(self._paid_until)
-        self._paid_until = {k: t for k, t in self._paid_until.items() if t > now}
-        return before - len(self._paid_until)
-
-    def allow(self, source: Source, now: float) -> bool:
-        paid_until = self._paid_until.get(source)
-        if paid_until is None:
-            if len(self._paid_until) >= self.max_sources:
-                owing = {k: t for k, t in self._paid_until.items() if t > now}
-                self._paid_until = owing if len(owing) < self.max_sources else {}
-            paid_until = now
-        elif paid_until < now:
-            paid_until = now
-        paid_until += self.interval
-        if paid_until - now > self.tolerance:
-            return False
-        self._paid_until[source] = paid_until
-        return True
-
-
 class Interceptor:
     def __init__(
         self,
@@ -332,24 +209,13 @@ class Interceptor:
         self._offered = self.view  # written by the applying thread, taken by the loop
         self._epoch = datapath.epoch  # the datapath's epoch the memories below belong to
         self.cache = AnswerCache(settings.cache_size)
-        self._budget = _Budget()
-        self._limiter = _RateLimiter(settings.rate_per_source_qps, settings.burst_per_source)
+        self._budget = AddressBudget()
+        self._limiter = RateLimiter(settings.rate_per_source_qps, settings.burst_per_source)
         domains = tuple(d.strip(".").lower() for d in settings.passthrough_domains)
         self._passthrough = frozenset(domains)
         self._passthrough_suffixes = tuple("." + d for d in domains)
-        # (identity, question, answer stored_at) -> until when its addresses are programmed:
-        # a cache hit that is already covered costs one dict look-up, no element encoding.
-        self._programmed: dict[tuple[int, tuple[object, ...], float], float] = {}
-        self._programmed_expiries: list[tuple[float, tuple[int, tuple[object, ...], float]]] = []
-        # (source, UDP query without its ID) -> (until when, reply without its ID): a repeated
-        # query is answered from here with no parsing and no decision, as long as nothing it
-        # depended on can have changed. Filled only after the answer's addresses were programmed
-        # for that source's identity; valid only within the second in which the TTLs it carries
-        # stay the same and until that identity evicts learned elements at its cap (it carries
-        # the identity's eviction count); emptied by every policy update.
-        self._replies: dict[tuple[Source, bytes], tuple[float, bytes, int, int, int]] = {}
-        self._evictions: dict[int, int] = {}  # identity -> how many times it evicted
-        self._replies_max = min(settings.cache_size, 16384)
+        # ready replies and programmed-answer memos, with every rule that makes them stale
+        self.memo = Memo(min(settings.cache_size, 16384), 4 * settings.cache_size)
         self._replied = [0] * len(READY_LABELS)  # replies given by ``ready``, not yet counted
         self.recent_denials: deque[DecisionRecord] = deque(maxlen=settings.recent_denials)
         self._cap_logged: dict[int, float] = {}  # identity -> when its cap was last logged
@@ -381,7 +247,7 @@ class Interceptor:
         epoch = self.datapath.epoch
         if epoch != self._epoch:
             # one reconcile since: only its identities are unsettled; several: all may be
-            self._forget(self.datapath.unsettled if epoch == self._epoch + 1 else None)
+            self.memo.forget(self.datapath.unsettled if epoch == self._epoch + 1 else None)
             self._epoch = epoch
         offered = self._offered
         if offered is not self.view:
@@ -389,22 +255,9 @@ class Interceptor:
             self._forget_changed(old, offered)
             identities = offered.names.identities
             self._budget.retain(identities)  # identities may have been renumbered or removed
-            for memo in (self._evictions, self._cap_logged):
-                for gone in [i for i in memo if i not in identities]:
-                    del memo[gone]
-
-    def _forget(self, identities: frozenset[int] | None) -> None:
-        """Drop what is remembered for ``identities`` (None: for every identity)."""
-        if identities is None:
-            self._programmed.clear()
-            self._replies.clear()
-            return
-        if not identities:
-            return
-        for key in [k for k in self._programmed if k[0] in identities]:
-            del self._programmed[key]
-        for rkey in [k for k, entry in self._replies.items() if entry[3] in identities]:
-            del self._replies[rkey]
+            self.memo.retain(set(identities))
+            for gone in [i for i in self._cap_logged if i not in identities]:
+                del self._cap_logged[gone]
 
     def _forget_changed(self, old: PolicyView, new: PolicyView) -> None:
         """Keep only what the new plan decides as the old one did, for the same sources."""
@@ -416,15 +269,8 @@ class Interceptor:
                 found = alike[identity] = new.names.decides_alike(identity, old.names)
             return found
 
-        for key in [k for k in self._programmed if not same(k[0])]:
-            del self._programmed[key]
         lookup = new.workloads.lookup
-        for rkey in [
-            (source, rest)
-            for (source, rest), entry in self._replies.items()
-            if not same(entry[3]) or getattr(lookup(source), "identity", None) != entry[3]
-        ]:
-            del self._replies[rkey]
+        self.memo.forget_changed(same, lambda source: getattr(lookup(source), "identity", None))
 
     def forget_expired(self) -> int:
         """Drop what is remembered past its life: expired answers, replies, programmed-answer
@@ -434,20 +280,7 @@ class Interceptor:
         how many entries were dropped; run on the loop's thread, now and then, so that memory
         follows the traffic down as well as up."""
         now = self.clock()
-        dropped = self.cache.forget_expired(now)
-        heap, programmed = self._programmed_expiries, self._programmed
-        while heap and heap[0][0] <= now:
-            needed, key = heapq.heappop(heap)
-            if programmed.get(key) == needed:
-                del programmed[key]
-                dropped += 1
-        if len(heap) > 2 * len(programmed) + 1024:
-            heap[:] = [(needed, key) for key, needed in programmed.items()]
-            heapq.heapify(heap)
-        replies = self._replies
-        live = {key: entry for key, entry in replies.items() if entry[0] > now}
-        dropped += len(replies) - len(live)
-        self._replies = live
+        dropped = self.cache.forget_expired(now) + self.memo.forget_expired(now)
         dropped += self._budget.forget_expired(now)
         dropped += self._limiter.forget_paid(now)
         self.view.names.forget_unused()
@@ -461,8 +294,8 @@ class Interceptor:
         """How many entries each memory holds (``metrics.REMEMBERED_KINDS``)."""
         return {
             "answers": len(self.cache),
-            "replies": len(self._replies),
-            "programmed": len(self._programmed),
+            "replies": self.memo.sizes()[0],
+            "programmed": self.memo.sizes()[1],
             "learned": sum(map(len, self._budget.known.values())),
             "sources": self._limiter.tracked,
             "decisions": self.view.names.remembered,
@@ -496,11 +329,12 @@ class Interceptor:
         when it must go through ``answer_now``. This is the whole cost of a repeated query."""
         if self.datapath.epoch != self._epoch or self._offered is not self.view:
             self._sync()
-        entry = self._replies.get((source, rest))
+        memo = self.memo
+        entry = memo.replies.get((source, rest))
         if entry is None:
             return None
         now = self.clock()
-        if entry[0] <= now or self._evictions.get(entry[3], 0) != entry[4]:
+        if entry[0] <= now or memo.evictions.get(entry[3], 0) != entry[4]:
             return None
         if not self._limiter.allow(source, now):
             self._count("dropped", "rate limited")
@@ -705,13 +539,11 @@ class Interceptor:
         if d.udp and d.label in READY_LABELS and not log.isEnabledFor(logging.DEBUG):
             # the same query again within this second gets these bytes (audit decisions and
             # debug logging need their line per query, so those always come through here)
-            if len(self._replies) >= self._replies_max:
-                self._replies.clear()
             until = answer.stored_at + int(now - answer.stored_at) + 1
             label = READY_LABELS.index(d.label)
-            identity = d.workload.identity
-            evictions = self._evictions.get(identity, 0)
-            self._replies[(d.source, d.query[2:])] = (until, wire[2:], label, identity, evictions)
+            self.memo.remember_reply(
+                d.source, d.query[2:], until, wire[2:], label, d.workload.identity
+            )
         return wire
 
     def _programmed_for(self, d: Deferred, answer: Answer, now: float) -> bool:
@@ -724,15 +556,11 @@ class Interceptor:
         # stored_at + address_ttl + 1 (TTLs count down in whole seconds): one horizon per
         # answer, so repeated hits do not rewrite elements as the remaining TTL ticks down.
         needed = answer.stored_at + answer.address_ttl + 1 + self.settings.grace_s
-        if self._programmed.get(key, 0.0) >= needed:
+        if self.memo.programmed_until(key) >= needed:
             return True
         if not self._program(d, answer, d.verdict.ports, needed - now):
             return False
-        if len(self._programmed) > 4 * self.settings.cache_size:
-            self._programmed.clear()
-            self._programmed_expiries.clear()
-        self._programmed[key] = needed
-        heapq.heappush(self._programmed_expiries, (needed, key))
+        self.memo.remember_programmed(key, needed)
         return True
 
     def _program(
@@ -744,7 +572,7 @@ class Interceptor:
     ) -> bool:
         workload = d.workload
         now = self.clock()
-        learned = _learned(workload.identity, answer.addresses, atoms)
+        learned = learned_elements(workload.identity, answer.addresses, atoms)
         evicted = self._budget.admit(
             workload.identity,
             answer.addresses,
@@ -755,8 +583,7 @@ class Interceptor:
         started = time.perf_counter()
         try:
             if evicted:
-                self._programmed.clear()  # some cached answers are no longer fully programmed
-                self._evictions[workload.identity] = self._evictions.get(workload.identity, 0) + 1
+                self.memo.evicted(workload.identity)
                 self.datapath.revoke(evicted, wait_s=self._left(started))
                 metrics.DNS_CAP_HITS.labels(workload.namespace, "identity").inc()
                 if now - self._cap_logged.get(workload.identity, -CAP_LOG_INTERVAL_S) >= (
