@@ -12,7 +12,8 @@ the next query is read only once one is answered, so a client that floods pushes
 own connection). A reply that the client does not take within ``write_timeout_s`` (it waits in
 the gateway only while the kernel's buffer for that connection is full) closes the connection,
 so a client that never reads holds nothing for long. A connection with nothing in flight is
-closed after ``idle_s`` of silence. A query the interceptor drops (the rate limit) ends its
+closed once ``idle_s`` pass without a whole query (a query dripped in a byte at a time does
+not keep it open). A query the interceptor drops (the rate limit) ends its
 connection once the queries before it are answered. Each of these limits is counted.
 """
 
@@ -156,7 +157,7 @@ class _Tcp(asyncio.Protocol):
         self.eof = False  # the client closed its side: it sends nothing more
         self.ending = False  # read no more; close once the queries in flight are answered
         self.writing_paused = False  # the kernel's buffer is full: replies wait here
-        self.last_active = 0.0  # when data last arrived or the last query in flight ended
+        self.last_active = 0.0  # when the last whole query arrived or the last one ended
         self.idle: asyncio.TimerHandle | None = None
         self.deadline: asyncio.TimerHandle | None = None  # the write deadline, while paused
 
@@ -183,7 +184,6 @@ class _Tcp(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.ending:
             return
-        self.last_active = self.loop.time()
         self.buffer += data
         self._parse()
 
@@ -229,6 +229,7 @@ class _Tcp(asyncio.Protocol):
                 if len(buffer) >= end:
                     query = bytes(buffer[2:end])
                     del buffer[:end]
+                    self.last_active = self.loop.time()  # only a whole query counts
                     self._query(query)
                     continue
             if self.eof:  # the rest of a query will never come

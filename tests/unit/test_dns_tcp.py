@@ -342,6 +342,28 @@ def test_a_silent_connection_is_closed_when_idle_but_not_while_it_waits_for_an_a
     asyncio.run(scenario())
 
 
+def test_a_query_dripped_a_byte_at_a_time_does_not_keep_its_connection_open() -> None:
+    async def scenario() -> None:
+        idle = _closed("idle")
+        async with _gateway(idle_s=0.3) as (_server, _resolver, port):
+            reader, writer = await _connect(FIRST, port)
+            frame = _frame("drip.test.example", 9)
+            closed = False
+            for byte in frame[:-1]:  # bounded: the frame's length, 50 ms apart
+                writer.write(bytes([byte]))
+                try:
+                    data = await asyncio.wait_for(reader.read(512), 0.05)
+                except TimeoutError:
+                    continue
+                closed = data == b""
+                break
+            assert closed, "the gateway kept a dripping connection open"
+            assert _closed("idle") == idle + 1
+            writer.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_dropped_query_ends_its_connection_after_the_queries_before_it_are_answered() -> None:
     async def scenario() -> None:
         limited = DnsSettings(rate_per_source_qps=0.001, burst_per_source=2)
