@@ -5,7 +5,8 @@ In: ``runtime.Settings`` and, in Kubernetes mode, ``KubeSettings``. Out: a ``Gat
 else: the datapath, the source (manifests or the API server), egress IP ownership (all, or by
 Lease), the status writer, the upstream and the DNS interceptor. A setting that cannot work
 raises ``ConfigError`` with one line that names it. Building does no work: nothing is read,
-listened on or written until ``run()``.
+listened on or written until ``run()``; what only shows then (an address in use, a missing
+uplink, no CAP_NET_ADMIN) raises ``runtime.StartupError``, one line as well.
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ def check(settings: Settings, kube: KubeSettings | None) -> None:
         raise ConfigError("a source is needed: --manifests DIR or --kubernetes")
     elif not settings.manifests.is_dir():
         raise ConfigError(f"--manifests {settings.manifests} is not a directory")
+    if settings.netns is not None and not Path("/run/netns", settings.netns).exists():
+        raise ConfigError(
+            f"--netns {settings.netns}: no such network namespace (`ip netns list` lists them)"
+        )
 
 
 def build_gateway(

@@ -1,4 +1,5 @@
-"""The ``egressgw`` command: run the daemon, check policies, drive the lab."""
+"""The ``egressgw`` command: run the daemon, check policies, answer operators' questions, clean
+up a node, drive the lab."""
 
 from __future__ import annotations
 
@@ -6,15 +7,24 @@ import argparse
 import asyncio
 import ipaddress
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from egressgw import __version__
+from egressgw.logs import FORMATS, LEVELS
 
 if TYPE_CHECKING:
     from egressgw.runtime import Settings
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose mistakes are one line: what is wrong, and where to look."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def host_port(text: str) -> tuple[str, int]:
@@ -38,6 +48,62 @@ def positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
     return value
+
+
+def natural_int(text: str) -> int:
+    """A whole number, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
+    return value
+
+
+TABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,31}$")
+
+
+def table_name(text: str) -> str:
+    """An nftables table name: letters, digits and '_', at most 32, not starting with a digit."""
+    if not TABLE_NAME.match(text):
+        raise argparse.ArgumentTypeError(
+            f"invalid table name {text!r}: use letters, digits and '_' (at most 32), "
+            "starting with a letter or '_'"
+        )
+    return text
+
+
+def add_logging_options(parser: argparse.ArgumentParser, top: bool) -> None:
+    """--log-level and --log-format; after a subcommand they override the ones before it."""
+    options = parser.add_argument_group("logging")
+    options.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LEVELS,
+        default="INFO" if top else argparse.SUPPRESS,
+        help="show messages of this level and above (default: INFO); DEBUG adds every library's "
+        "detail",
+    )
+    options.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        default="text" if top else argparse.SUPPRESS,
+        help="text: time level logger: message, values of decision lines quoted as needed; "
+        "json: one object per line (time, level, logger, message, decision fields) "
+        "(default: text)",
+    )
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every parser below ``parser``, depth first."""
+    found: list[argparse.ArgumentParser] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                if sub not in found:
+                    found += [sub, *_subparsers(sub)]
+    return found
 
 
 def settings_of(args: argparse.Namespace) -> Settings:
@@ -73,11 +139,13 @@ def settings_of(args: argparse.Namespace) -> Settings:
         netlink_buffer_bytes=args.netlink_buffer_bytes,
         dns_tcp_per_source=args.dns_tcp_per_source,
         dns_tcp_pipeline=args.dns_tcp_pipeline,
+        log_allowed_per_second=args.log_allowed,
     )
 
 
 def _run(args: argparse.Namespace) -> int:
     from egressgw import app
+    from egressgw.runtime import StartupError
 
     kube = None
     if args.kubernetes:
@@ -89,38 +157,43 @@ def _run(args: argparse.Namespace) -> int:
         )
     try:
         gateway = app.build_gateway(settings_of(args), kube)
-    except app.ConfigError as exc:
+        return asyncio.run(gateway.run())
+    except (app.ConfigError, StartupError) as exc:
         print(f"egressgw run: {exc}", file=sys.stderr)
         return 2
-    return asyncio.run(gateway.run())
 
 
 def _policy_check(args: argparse.Namespace) -> int:
+    from egressgw.identity import IdentityRegistry
+    from egressgw.plan import build
     from egressgw.policy.check import check_paths
+    from egressgw.policy.model import Snapshot
 
-    return check_paths(args.paths)
+    def conflicts(snapshot: Snapshot) -> list[str]:
+        return build(snapshot, IdentityRegistry()).notes
+
+    return check_paths(args.paths, strict=args.strict, conflicts=conflicts)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="egressgw", description=__doc__)
+    parser = Parser(prog="egressgw", description=__doc__)
     parser.add_argument("--version", action="version", version=f"egressgw {__version__}")
-    parser.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
-    )
-    parser.add_argument(
-        "--log-format",
-        default="text",
-        choices=["text", "json"],
-        help="json: one object per line (time, level, logger, message, decision fields)",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+    add_logging_options(parser, top=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run the gateway daemon")
+    run = sub.add_parser(
+        "run",
+        help="run the gateway daemon",
+        description="Run the gateway daemon: hold the egress IPs, enforce the policies in "
+        "nftables, answer the workloads' DNS. Exit status: 0 stopped by SIGTERM/SIGINT, 1 a "
+        "task failed, 2 a setting or the host is not fit to start (one line says why).",
+    )
     mode = run.add_mutually_exclusive_group(required=True)
     mode.add_argument(
         "--manifests",
         metavar="DIR",
-        help="directory of Namespace, Pod, EgressGateway and EgressPolicy YAML",
+        help="directory of Namespace, Pod, EgressGateway and EgressPolicy YAML, re-read when "
+        "it changes",
     )
     mode.add_argument(
         "--kubernetes",
@@ -143,19 +216,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--lease-namespace",
         default="egressgw-system",
         metavar="NS",
-        help="namespace of the egress IP Leases",
+        help="namespace of the egress IP Leases (default: %(default)s)",
     )
     kube.add_argument(
         "--lease-duration",
         type=positive_int,
         default=10,
         metavar="SECONDS",
-        help="an egress IP moves to another node within this time after its holder fails",
+        help="an egress IP moves to another node within this many seconds after its holder "
+        "fails (default: %(default)s)",
     )
     run.add_argument(
         "--netns",
         metavar="NAME",
-        help="for tests and labs only: program the datapath in this network namespace",
+        help="for tests and labs only: program the datapath in this network namespace (HTTP and "
+        "DNS still listen where the process runs)",
     )
     run.add_argument(
         "--uplink",
@@ -167,9 +242,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--http-listen",
         type=host_port,
         metavar="ADDR:PORT",
-        help="serve /healthz, /readyz and /metrics",
+        help="serve /healthz, /readyz, /metrics and the operator API /v1/... (default: none)",
     )
-    run.add_argument("--table", default="egressgw", help="nftables table name (inet family)")
+    run.add_argument(
+        "--table",
+        type=table_name,
+        default="egressgw",
+        metavar="NAME",
+        help="nftables table (inet family) holding the ruleset (default: %(default)s)",
+    )
     run.add_argument(
         "--netlink-buffer-bytes",
         type=positive_int,
@@ -177,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BYTES",
         help="socket buffer asked for the nftables netlink socket (the kernel doubles it); a "
         "change larger than one buffer is applied in steps that never open before they close "
-        "(default: 32 MiB)",
+        "(default: %(default)s, 32 MiB)",
     )
     dns = run.add_argument_group("DNS interceptor")
     dns.add_argument(
@@ -186,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="ADDR:PORT",
-        help="answer workloads' DNS here (UDP and TCP)",
+        help="answer workloads' DNS here, UDP and TCP; repeatable (default: no DNS)",
     )
     dns.add_argument(
         "--upstream",
@@ -194,23 +275,37 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="ADDR:PORT",
-        help="resolver to forward allowed names to, in order",
+        help="resolver to forward allowed names to, tried in order; repeatable. One that is "
+        "down or unreachable is demoted, never fatal",
     )
     dns.add_argument(
         "--upstream-timeout-ms",
         type=positive_int,
         default=1000,
-        help="per-try timeout before the next upstream",
+        metavar="MS",
+        help="milliseconds one upstream gets before the next is tried (default: %(default)s)",
     )
-    dns.add_argument("--min-ttl", type=positive_int, default=5, help="lowest TTL released (s)")
-    dns.add_argument("--max-ttl", type=positive_int, default=3600, help="highest TTL released (s)")
+    dns.add_argument(
+        "--min-ttl",
+        type=positive_int,
+        default=5,
+        metavar="SECONDS",
+        help="lowest TTL released to workloads, in seconds (default: %(default)s)",
+    )
+    dns.add_argument(
+        "--max-ttl",
+        type=positive_int,
+        default=3600,
+        metavar="SECONDS",
+        help="highest TTL released to workloads, in seconds (default: %(default)s)",
+    )
     dns.add_argument(
         "--negative-ttl",
         type=positive_int,
         default=60,
         metavar="SECONDS",
         help="seconds downstream caches may keep the NXDOMAIN of a denied name: the TTL of the "
-        "SOA it carries (default: 60)",
+        "SOA it carries (default: %(default)s)",
     )
     dns.add_argument(
         "--dns-tcp-per-source",
@@ -218,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=16,
         metavar="N",
         help="DNS-over-TCP connections one source address may hold at once; one more is closed "
-        "at once (default: 16)",
+        "at once (default: %(default)s)",
     )
     dns.add_argument(
         "--dns-tcp-pipeline",
@@ -226,42 +321,90 @@ def build_parser() -> argparse.ArgumentParser:
         default=16,
         metavar="N",
         help="queries of one DNS-over-TCP connection answered at once, each as it is ready "
-        "(default: 16)",
+        "(default: %(default)s)",
     )
     dns.add_argument(
         "--grace",
         type=positive_int,
         default=10,
-        help="seconds a learned address outlives the TTL released with it",
+        metavar="SECONDS",
+        help="seconds a learned address outlives the TTL released with it (default: %(default)s)",
     )
     dns.add_argument(
         "--program-timeout-ms",
         type=positive_int,
         default=250,
-        help="answer SERVFAIL if programming the datapath takes longer",
+        metavar="MS",
+        help="answer SERVFAIL if programming the datapath takes more milliseconds than this "
+        "(default: %(default)s)",
     )
-    dns.add_argument("--deny-rcode", choices=["NXDOMAIN", "REFUSED"], default="NXDOMAIN")
+    dns.add_argument(
+        "--deny-rcode",
+        choices=["NXDOMAIN", "REFUSED"],
+        default="NXDOMAIN",
+        help="response code of a denied name (default: %(default)s)",
+    )
     dns.add_argument(
         "--passthrough-domain",
         action="append",
         default=[],
         metavar="DOMAIN",
-        help="forward names under DOMAIN without programming (e.g. cluster.local)",
+        help="forward names under DOMAIN without programming (e.g. cluster.local); repeatable",
     )
-    dns.add_argument("--max-addresses-per-name", type=positive_int, default=64)
-    dns.add_argument("--max-addresses-per-identity", type=positive_int, default=4096)
+    dns.add_argument(
+        "--max-addresses-per-name",
+        type=positive_int,
+        default=64,
+        metavar="N",
+        help="addresses of one answer programmed and released; the rest are dropped from the "
+        "answer (default: %(default)s)",
+    )
+    dns.add_argument(
+        "--max-addresses-per-identity",
+        type=positive_int,
+        default=4096,
+        metavar="N",
+        help="destinations one workload identity may have learned; beyond it the oldest "
+        "expiring are evicted (default: %(default)s)",
+    )
     dns.add_argument(
         "--rate-limit",
         type=positive_int,
         default=500,
-        help="queries per second per source address (burst: twice that)",
+        metavar="QPS",
+        help="queries per second per source address, bursts of twice that (default: %(default)s)",
+    )
+    dns.add_argument(
+        "--log-allowed",
+        type=natural_int,
+        default=10,
+        metavar="PER_SECOND",
+        help="allowed DNS decisions logged at INFO, lines per second; the rest are counted in "
+        "one line a second; 0: none (denials are always logged) (default: %(default)s)",
     )
     run.set_defaults(func=_run)
 
     policy = sub.add_parser("policy", help="work with EgressGateway and EgressPolicy files")
-    policy_sub = policy.add_subparsers(dest="policy_command", required=True)
-    check = policy_sub.add_parser("check", help="validate manifests; exit 1 on any problem")
-    check.add_argument("paths", nargs="+", metavar="PATH")
+    policy_sub = policy.add_subparsers(dest="policy_command", required=True, metavar="COMMAND")
+    check = policy_sub.add_parser(
+        "check",
+        help="validate manifests and report conflicts",
+        description="Validate manifests: one line per problem, then the conflicts the daemon "
+        "would log (two gateways selecting the same pods, an address claimed by two pods, an "
+        "egress IP in two gateways). Exit status: 0 valid (conflicts are warnings), 1 a problem "
+        "(or a conflict, with --strict) or no manifests found.",
+    )
+    check.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="manifest files, or directories read as the daemon reads them (*.yaml, *.yml)",
+    )
+    check.add_argument(
+        "--strict",
+        action="store_true",
+        help="conflicts are errors (exit status 1) instead of warnings",
+    )
     check.set_defaults(func=_policy_check)
 
     from egressgw.tools import add_parsers as add_operator_parsers
@@ -274,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_lab_parser(sub)
+    for below in _subparsers(parser):
+        add_logging_options(below, top=False)
     return parser
 
 

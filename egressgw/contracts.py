@@ -56,7 +56,12 @@ class StatusSink(Protocol):
 class Upstream(Protocol):
     """The resolvers allowed names are forwarded to."""
 
-    async def start(self) -> None: ...
+    async def start(self) -> None:
+        """Open the sockets; an upstream that cannot be reached is demoted, never fatal."""
+
+    def reopen(self) -> list[str]:
+        """Try again the upstreams that could not be opened; those still closed."""
+        ...
 
     def close(self) -> None: ...
 

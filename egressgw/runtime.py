@@ -4,13 +4,22 @@ In: Settings and the parts ``app`` built from them. Out: a datapath kept in step
 until SIGTERM/SIGINT, after which it exits and leaves the kernel enforcing the last state
 (nothing is removed on the way out).
 Every long-running coroutine is a named task; if one dies, the daemon stops loudly.
+
+Start-up checks what it needs before it touches the kernel (``preflight``: the network
+namespace, the nft command, CAP_NET_ADMIN, the uplink; then whether the DNS addresses can be
+bound) and turns what fails while starting (binding, adopting the table) into ``StartupError``,
+whose message is one line for the operator. An upstream resolver that cannot be reached at
+start does not stop it: it is demoted, as an unreachable upstream is at run time, and its
+socket is opened again by the housekeeping until it can be.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import logging
+import shutil
 import signal
 import socket
 import threading
@@ -22,13 +31,16 @@ from typing import Any
 
 from aiohttp import web
 
-from egressgw import metrics
+from egressgw import logs, metrics
 from egressgw.contracts import Datapath, Ownership, Source, StatusSink
+from egressgw.datapath.addresses import IPAddress as AddressOnLink
 from egressgw.datapath.addresses import UplinkAddresses
-from egressgw.datapath.netlink import SOCKET_BUFFER_BYTES
+from egressgw.datapath.netlink import SOCKET_BUFFER_BYTES, NetlinkError
+from egressgw.datapath.netns import call_in
+from egressgw.datapath.skeleton import SkeletonError
 from egressgw.dns.interceptor import DnsSettings, Interceptor, PolicyView
 from egressgw.dns.names import NamePolicy
-from egressgw.dns.server import TCP_IN_FLIGHT, TCP_PER_SOURCE, DnsServer
+from egressgw.dns.server import TCP_IN_FLIGHT, TCP_PER_SOURCE, DnsServer, udp_socket
 from egressgw.explain import Explanation, Query, explain
 from egressgw.identity import IdentityRegistry, IPAddress, WorkloadTable
 from egressgw.plan import Plan, build
@@ -41,6 +53,12 @@ HOUSEKEEPING_INTERVAL_S = 5.0
 COLLECT_INTERVAL_S = 1.0
 RETRY_FIRST_S = 1.0  # a failed apply is tried again after this, doubling up to RETRY_MAX_S
 RETRY_MAX_S = 30.0
+DECISION_LINES_INTERVAL_S = 1.0  # the window of --log-allowed
+CAP_NET_ADMIN = 12  # the capability's bit in /proc/self/status CapEff
+
+
+class StartupError(RuntimeError):
+    """The daemon could not start; the message is one line for the operator."""
 
 
 class HoldAll:
@@ -69,6 +87,137 @@ class Settings:
     netlink_buffer_bytes: int = SOCKET_BUFFER_BYTES  # asked for the nftables socket, per direction
     dns_tcp_per_source: int = TCP_PER_SOURCE  # DNS-over-TCP connections one source may hold
     dns_tcp_pipeline: int = TCP_IN_FLIGHT  # queries in flight per DNS-over-TCP connection
+    log_allowed_per_second: int = 0  # allowed DNS decisions logged at INFO per second; 0: none
+
+
+def listen_label(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def has_capability(bit: int, status: Path = Path("/proc/self/status")) -> bool:
+    """Whether this process holds capability ``bit`` (True when that cannot be read: the
+    kernel has the last word then)."""
+    try:
+        text = status.read_text()
+    except OSError:
+        return True
+    for line in text.splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> bit & 1)
+    return True
+
+
+def _interface_index(name: str) -> int:
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        return 0
+
+
+def check_uplink(uplink: str, netns: str | None) -> None:
+    """Raise ``StartupError`` unless ``uplink`` exists (in ``netns``)."""
+    where = f" in network namespace {netns}" if netns else ""
+    try:
+        found = call_in(netns, lambda: _interface_index(uplink))
+    except OSError as exc:
+        raise StartupError(f"--netns {netns}: cannot enter it: {exc.strerror or exc}") from None
+    if not found:
+        raise StartupError(f"--uplink {uplink}: no such interface{where} (`ip link` lists them)")
+
+
+def check_host(netns: str | None) -> None:
+    """Whether this host can run the datapath (in ``netns``): the namespace exists, the nft
+    command is installed, and this process holds CAP_NET_ADMIN. Raises ``StartupError``."""
+    if netns is not None and not Path("/run/netns", netns).exists():
+        raise StartupError(
+            f"--netns {netns}: no such network namespace (`ip netns list` lists them)"
+        )
+    if shutil.which("nft") is None:
+        raise StartupError(
+            "nftables not available: the nft command is not installed "
+            "(Debian: apt-get install nftables)"
+        )
+    if not has_capability(CAP_NET_ADMIN):
+        raise StartupError(
+            "not permitted: nftables and the uplink's addresses need CAP_NET_ADMIN "
+            "(run as root, or grant the NET_ADMIN and NET_RAW capabilities)"
+        )
+
+
+def preflight(settings: Settings) -> None:
+    """What the daemon needs before it touches the kernel; ``StartupError`` names what is
+    missing."""
+    check_host(settings.netns)
+    check_uplink(settings.uplink, settings.netns)
+
+
+_BIND_REASONS = {
+    errno.EADDRINUSE: "address already in use (another process listens there)",
+    errno.EADDRNOTAVAIL: "no interface here has this address",
+    errno.EACCES: "permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
+}
+
+
+def bind_problem(flag: str, host: str, port: int, exc: OSError) -> StartupError:
+    reason = _BIND_REASONS.get(exc.errno or 0) or (exc.strerror or str(exc)).lower()
+    return StartupError(f"{flag} {listen_label(host, port)}: {reason}")
+
+
+def probe_dns_listen(addresses: Sequence[tuple[str, int]]) -> None:
+    """Bind each DNS address (UDP as the server does, then TCP) and let go at once, so an
+    address that cannot be served is found before the kernel is touched."""
+    for host, port in addresses:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            udp_socket(host, port).close()
+            with socket.socket(family, socket.SOCK_STREAM) as tcp:
+                tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    tcp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                tcp.bind((host, port))
+        except OSError as exc:
+            raise bind_problem("--dns-listen", host, port, exc) from None
+
+
+def adopt_problem(settings: Settings, exc: Exception) -> StartupError:
+    """One line for what went wrong adopting the table."""
+    text = str(exc)
+    lines = text.splitlines() or [type(exc).__name__]
+    first = next((line for line in lines if "Error" in line), lines[0])
+    if isinstance(exc, SkeletonError):
+        if "Operation not permitted" in text:
+            return StartupError(
+                "not permitted: nftables needs CAP_NET_ADMIN (run as root, or grant NET_ADMIN)"
+            )
+        if f"unexpected {settings.table}," in text:
+            return StartupError(
+                f"--table {settings.table}: nft reads this name as a keyword; choose another"
+            )
+        if any(s in text for s in ("not supported", "No such file or directory", "cache init")):
+            return StartupError(
+                "nftables not available in this kernel (needs nf_tables with inet tables, sets, "
+                f"maps, NAT and reject): {first.strip()}"
+            )
+        return StartupError(f"nftables refused table {settings.table}: {first.strip()}")
+    if isinstance(exc, LookupError):  # the uplink went away after the preflight
+        return StartupError(f"--uplink {settings.uplink}: {exc.args[0] if exc.args else exc}")
+    if isinstance(exc, PermissionError) or getattr(exc, "errno", None) == errno.EPERM:
+        return StartupError(f"not permitted: {exc} (CAP_NET_ADMIN is needed)")
+    return StartupError(f"could not adopt table {settings.table}: {lines[0]}")
+
+
+def allowed_answers() -> int:
+    """Allowed DNS answers so far (egressgw_dns_queries_total{verdict="allow"})."""
+    total = 0.0
+    for family in metrics.DNS_QUERIES.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total") and sample.labels.get("verdict") == "allow":
+                total += sample.value
+    return int(total)
+
+
+def _addresses_text(addresses: Sequence[AddressOnLink]) -> str:
+    return "[" + ",".join(str(a) for a in addresses) + "]"
 
 
 class Daemon:
@@ -101,6 +250,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._addresses: UplinkAddresses | None = None
+        self._dns: DnsServer | None = None
 
     # -- status -------------------------------------------------------------------------------
     def alive(self) -> bool:
@@ -230,14 +380,16 @@ class Daemon:
             log.warning("%s", note)
         wanted = set(plan.desired.egress_ips)
         previously = set(self.held)
-        self._addresses.sync(wanted | previously, previously)
+        taken = self._addresses.sync(wanted | previously, previously)
         # Learned elements are decided again under the new plan in the same transaction; the
         # interceptor is handed the plan once it is the one in force in the kernel.
         view = PolicyView(plan.workloads, NamePolicy(plan.selections))
         interceptor = self.interceptor
         committed = (lambda: interceptor.offer(view)) if interceptor is not None else None
         result = self.datapath.reconcile(plan.desired, view.names, committed)
-        changes = self._addresses.sync(wanted, previously)
+        released = self._addresses.sync(wanted, previously)
+        added = taken.added + [a for a in released.added if a not in taken.added]
+        removed = taken.removed + released.removed
         self.held = set(wanted)
         self.workloads = plan.workloads
         self.last_plan = plan
@@ -264,7 +416,7 @@ class Daemon:
                 log.exception("could not report status")
         log.info(
             "applied: %d workloads, %d identities, %d egress IPs; +%d -%d elements, "
-            "%d learned removed (%d narrower written), addresses +%s -%s (%.1f ms)",
+            "%d learned removed (%d narrower written), egress IPs +%s -%s (%.1f ms)",
             len(plan.workloads),
             len(plan.desired.identities),
             len(wanted),
@@ -272,8 +424,8 @@ class Daemon:
             result.removed,
             result.learned_removed,
             result.learned_rewritten,
-            [str(a) for a in changes.added],
-            [str(a) for a in changes.removed],
+            _addresses_text(added),
+            _addresses_text(removed),
             elapsed * 1000,
         )
         return plan
@@ -351,6 +503,16 @@ class Daemon:
             self.datapath.forget_expired()
             if self.interceptor is not None:
                 self.interceptor.forget_expired()
+                self.interceptor.upstream.reopen()  # those that could not be opened yet
+
+    async def _decision_lines(self, lines: logs.AllowedDecisions) -> None:
+        """Ends each second of --log-allowed: how many allowed decisions went unlogged."""
+        before = allowed_answers()
+        while True:
+            await asyncio.sleep(DECISION_LINES_INTERVAL_S)
+            now = allowed_answers()
+            lines.tick(now - before)
+            before = now
 
     async def _collect_young(self) -> None:
         """Answers and decisions the DNS path caches between applies are long-lived too. A
@@ -384,32 +546,72 @@ class Daemon:
     def request_stop(self) -> None:
         self._stop.set()
 
+    async def _serve_http(self) -> web.AppRunner | None:
+        if not self.settings.http_listen:
+            return None
+        host, port = self.settings.http_listen
+        try:
+            runner = await serve(self.web_app(), host, port)
+        except OSError as exc:
+            raise bind_problem("--http-listen", host, port, exc) from None
+        log.info("serving health, metrics and the operator API on %s", listen_label(host, port))
+        return runner
+
+    async def _adopt(self) -> None:
+        try:
+            await asyncio.to_thread(self.adopt)
+        except (SkeletonError, NetlinkError, LookupError, OSError) as exc:
+            raise adopt_problem(self.settings, exc) from None
+
+    async def _start_dns(self, interceptor: Interceptor) -> None:
+        """The upstreams, then the DNS server (``self._dns``)."""
+        # an upstream that cannot be reached logs its demotion, and the housekeeping tries it
+        # again
+        await interceptor.upstream.start()
+        self._dns = DnsServer(
+            interceptor,
+            list(self.settings.dns_listen),
+            tcp_per_source=self.settings.dns_tcp_per_source,
+            tcp_in_flight=self.settings.dns_tcp_pipeline,
+        )
+        try:
+            await self._dns.start()
+        except OSError as exc:  # taken since the probe
+            listen = ", ".join(listen_label(h, p) for h, p in self.settings.dns_listen)
+            reason = _BIND_REASONS.get(exc.errno or 0) or str(exc.strerror or exc)
+            raise StartupError(f"--dns-listen {listen}: {reason}") from None
+
+    def _start_decision_lines(self) -> logs.AllowedDecisions | None:
+        lines = logs.allowed_decisions()
+        per_second = self.settings.log_allowed_per_second
+        if lines is None or self.interceptor is None or per_second <= 0:
+            return None
+        if not logging.DEBUG < lines.level <= logging.INFO:
+            return None  # DEBUG shows every decision already; WARNING shows none
+        lines.start(per_second)
+        self._spawn(self._decision_lines(lines), "decision-lines")
+        return lines
+
     async def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; ``StartupError`` if it cannot start."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
-        runner = None
-        metrics.GATEWAY.bind(self.gateway_report)
-        metrics.DNS_ADDRESS_CAPS.labels("name").set(self.settings.dns.max_addresses_per_name)
-        metrics.DNS_ADDRESS_CAPS.labels("identity").set(
-            self.settings.dns.max_addresses_per_identity
-        )
-        if self.settings.http_listen:
-            host, port = self.settings.http_listen
-            runner = await serve(self.web_app(), host, port)
-            log.info("serving health, metrics and the operator API on %s:%d", host, port)
-        dns: DnsServer | None = None
+        runner: web.AppRunner | None = None
+        lines: logs.AllowedDecisions | None = None
         try:
-            await asyncio.to_thread(self.adopt)
+            await asyncio.to_thread(preflight, self.settings)
+            probe_dns_listen(self.settings.dns_listen)
+            metrics.GATEWAY.bind(self.gateway_report)
+            metrics.DNS_ADDRESS_CAPS.labels("name").set(self.settings.dns.max_addresses_per_name)
+            metrics.DNS_ADDRESS_CAPS.labels("identity").set(
+                self.settings.dns.max_addresses_per_identity
+            )
+            runner = await self._serve_http()
+            await self._adopt()
             if self.interceptor is not None:
-                await self.interceptor.upstream.start()
-                dns = DnsServer(
-                    self.interceptor,
-                    list(self.settings.dns_listen),
-                    tcp_per_source=self.settings.dns_tcp_per_source,
-                    tcp_in_flight=self.settings.dns_tcp_pipeline,
-                )
-                await dns.start()
+                await self._start_dns(self.interceptor)
+            lines = self._start_decision_lines()
             self._spawn(self._follow_source(), "follow-source")
             self._spawn(self._follow_ownership(), "follow-ownership")
             self._spawn(self._housekeeping(), "housekeeping")
@@ -419,8 +621,10 @@ class Daemon:
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
-            if dns is not None:
-                await dns.close()
+            if lines is not None:
+                lines.stop()
+            if self._dns is not None:
+                await self._dns.close()
             if self.interceptor is not None:
                 self.interceptor.upstream.close()
             if runner is not None:
@@ -429,6 +633,8 @@ class Daemon:
             self.datapath.close()
             if self._addresses is not None:
                 self._addresses.close()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
         failed = [t for t in self._tasks if not t.cancelled() and t.done() and t.exception()]
         log.info("stopped; the datapath keeps enforcing the last state")
         return 1 if failed else 0

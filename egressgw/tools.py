@@ -1,25 +1,38 @@
-"""Operator commands: ``egressgw egress-ips`` and ``egressgw explain``.
+"""Operator commands: ``egressgw egress-ips``, ``egressgw explain`` and ``egressgw cleanup``.
 
 In: a manifests directory (the same files the daemon reads) or the URL of a running daemon's
 HTTP listener. Out: text on stdout (tables, JSON or CSV), problems on stderr, and exit codes:
-``egress-ips`` 0 or 2 (could not read); ``explain`` 0 allowed (Allow or Audit), 1 denied,
-2 no such workload, a malformed question or an unreachable daemon. Read-only.
+``egress-ips`` 0 or 2 (could not read: a missing directory, an unreachable daemon);
+``explain`` 0 allowed (Allow or Audit), 1 denied, 2 no such workload, a malformed question, a
+missing directory or an unreachable daemon. Both are read-only.
+
+``cleanup`` is the one that changes the node: it deletes egressgw's nftables table and removes
+from the uplink the egress IPs the daemon added (those the table's ``egress_ips`` sets
+recorded; the node's own addresses are never touched), for uninstalling. The uplink is the one
+named in the table's rules unless ``--uplink`` says otherwise. Exit status 0 (also when there
+was nothing to remove) or 2 with one line saying why not.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import subprocess
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from egressgw.explain import EXIT_ERROR, Explanation, Query, UnknownWorkload, explain
 from egressgw.policy.load import load_paths
 from egressgw.policy.model import Protocol, Snapshot
 from egressgw.report import FORMATS, format_rows, from_json, gateway_egress
+
+if TYPE_CHECKING:
+    from egressgw.datapath.keys import IPAddress
 
 HTTP_TIMEOUT_S = 5.0
 MAX_PROBLEMS_SHOWN = 5
@@ -27,6 +40,10 @@ MAX_PROBLEMS_SHOWN = 5
 
 class Unavailable(Exception):
     """The daemon could not be asked, or answered with an error (the message says which)."""
+
+
+class CleanupError(Exception):
+    """``cleanup`` could not do its work; the message is one line for the operator."""
 
 
 def _get_json(base: str, path: str, params: dict[str, str] | None = None) -> Any:
@@ -47,6 +64,8 @@ def _get_json(base: str, path: str, params: dict[str, str] | None = None) -> Any
 
 
 def _load(directory: str, command: str) -> Snapshot:
+    if not Path(directory).exists():
+        raise Unavailable(f"--manifests {directory}: no such file or directory")
     result = load_paths([directory])
     if result.problems:
         print(
@@ -98,10 +117,132 @@ def _explain(args: argparse.Namespace) -> int:
     return answer.exit_code
 
 
+def _nft(netns: str | None, *argv: str) -> subprocess.CompletedProcess[str]:
+    from egressgw.datapath.netns import command
+
+    return subprocess.run(command(netns, ["nft", *argv]), capture_output=True, text=True)
+
+
+def _first_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[0] if lines else "no reason given"
+
+
+def _table_uplink(table: str, netns: str | None) -> str | None:
+    """The uplink the table's rules name (``oifname != "IFACE" return``), if any."""
+    proc = _nft(netns, "-j", "list", "chain", "inet", table, "forward")
+    if proc.returncode != 0:
+        return None
+    try:
+        items = json.loads(proc.stdout)["nftables"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    for item in items:
+        for expr in item.get("rule", {}).get("expr", []):
+            match = expr.get("match", {}) if isinstance(expr, dict) else {}
+            left = match.get("left")
+            if isinstance(left, dict) and left.get("meta", {}).get("key") == "oifname":
+                right = match.get("right")
+                return right if isinstance(right, str) else None
+    return None
+
+
+def _recorded_egress_ips(table: str, netns: str | None) -> list[IPAddress]:
+    """The egress IPs the table records as added by the daemon (its ``egress_ips`` sets)."""
+    from egressgw.datapath import keys
+    from egressgw.datapath.netlink import NetlinkError, NftSocket
+    from egressgw.datapath.netns import call_in
+
+    sock = call_in(netns, lambda: NftSocket(table, buffer_bytes=1 << 20))
+    found: list[IPAddress] = []
+    try:
+        for family in (4, 6):
+            try:
+                elements = sock.dump(f"egress_ips{family}")
+            except NetlinkError as exc:
+                if exc.errno == errno.ENOENT:  # a table without the set records none
+                    continue
+                raise
+            found += sorted(keys.parse_address(e.key) for e in elements)
+    finally:
+        sock.close()
+    return found
+
+
+def cleanup(table: str, uplink: str | None, netns: str | None) -> list[str]:
+    """Delete the table and remove the egress IPs it records from the uplink; one line per
+    thing done. Raises ``CleanupError``."""
+    from egressgw.datapath.addresses import UplinkAddresses
+    from egressgw.datapath.netlink import NetlinkError
+    from egressgw.runtime import StartupError, check_host, check_uplink
+
+    where = f" in network namespace {netns}" if netns else ""
+    try:
+        check_host(netns)
+    except StartupError as exc:
+        raise CleanupError(str(exc)) from None
+    listed = _nft(netns, "list", "table", "inet", table)
+    if listed.returncode != 0:
+        if "No such file or directory" in listed.stderr:
+            return [f"no nftables table inet {table}{where}: nothing to remove"]
+        raise CleanupError(f"nft cannot list table inet {table}: {_first_line(listed.stderr)}")
+    try:
+        recorded = _recorded_egress_ips(table, netns)
+    except (OSError, NetlinkError) as exc:
+        raise CleanupError(f"cannot read the egress IPs of table inet {table}: {exc}") from None
+    link = uplink or _table_uplink(table, netns)
+    if uplink is not None:
+        try:
+            check_uplink(uplink, netns)
+        except StartupError as exc:
+            raise CleanupError(str(exc)) from None
+    deleted = _nft(netns, "delete", "table", "inet", table)
+    if deleted.returncode != 0:
+        raise CleanupError(f"nft cannot delete table inet {table}: {_first_line(deleted.stderr)}")
+    done = [f"removed nftables table inet {table}{where}"]
+    if not recorded:
+        return done
+    left = " ".join(str(a) for a in recorded)
+    if link is None:
+        done.append(f"egress IPs left in place, the uplink is unknown: {left} (use --uplink)")
+        return done
+    try:
+        addresses = UplinkAddresses(link, netns)
+    except LookupError:
+        done.append(f"egress IPs left in place, no interface {link}{where}: {left}")
+        return done
+    try:
+        removed = addresses.sync([], recorded).removed
+    except OSError as exc:
+        raise CleanupError(
+            f"could not remove egress IPs {left} from {link}: {exc.strerror or exc}"
+        ) from None
+    finally:
+        addresses.close()
+    done += [f"removed egress IP {a} from {link}" for a in removed]
+    absent = [a for a in recorded if a not in removed]
+    if absent:
+        done.append(f"not on {link} (nothing to remove): {' '.join(str(a) for a in absent)}")
+    return done
+
+
+def _cleanup(args: argparse.Namespace) -> int:
+    try:
+        lines = cleanup(args.table, args.uplink, args.netns)
+    except CleanupError as exc:
+        print(f"egressgw cleanup: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    for line in lines:
+        print(line)
+    return 0
+
+
 def _source(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument(
-        "--manifests", metavar="DIR", help="answer from these manifests alone (no daemon needed)"
+        "--manifests",
+        metavar="DIR",
+        help="answer from these manifests alone, as the daemon would read them (no daemon needed)",
     )
     where.add_argument(
         "--url",
@@ -111,12 +252,22 @@ def _source(parser: argparse.ArgumentParser) -> None:
 
 
 def add_parsers(sub: Any) -> None:
-    """Add ``egress-ips`` and ``explain`` to the ``egressgw`` subcommands."""
+    """Add ``egress-ips``, ``explain`` and ``cleanup`` to the ``egressgw`` subcommands."""
+    from egressgw.cli import table_name
+
     ips = sub.add_parser(
         "egress-ips",
         help="every gateway with its namespaces and egress IPs (for firewall allowlists)",
+        description="Every gateway with its namespaces and egress IPs, and (from a daemon) "
+        "whether this node holds them. Exit status: 0, or 2 when the manifests or the daemon "
+        "cannot be read.",
     )
-    ips.add_argument("--format", choices=FORMATS, default="table")
+    ips.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="table",
+        help="table for people, json or csv for automation (default: %(default)s)",
+    )
     _source(ips)
     ips.set_defaults(func=_egress_ips)
 
@@ -125,20 +276,54 @@ def add_parsers(sub: Any) -> None:
         help="would this workload's connection be allowed, and why",
         description="Exit status: 0 allowed (Allow or Audit), 1 denied, 2 cannot answer.",
     )
-    why.add_argument("--namespace", required=True)
+    why.add_argument("--namespace", required=True, help="the workload's namespace")
     who = why.add_mutually_exclusive_group(required=True)
-    who.add_argument("--pod", metavar="NAME")
+    who.add_argument("--pod", metavar="NAME", help="the workload's pod name")
     who.add_argument("--ip", metavar="ADDR", help="the pod's IP")
     to = why.add_mutually_exclusive_group(required=True)
     to.add_argument("--host", metavar="NAME", help="a DNS name the workload resolves")
     to.add_argument("--address", metavar="ADDR", help="a destination address (needs --port)")
-    why.add_argument("--port", type=int)
+    why.add_argument(
+        "--port", type=int, metavar="PORT", help="destination port (default: any port)"
+    )
     why.add_argument(
         "--protocol",
         type=str.upper,
         choices=[p.value for p in Protocol],
-        help="default TCP when --port is given",
+        help="transport protocol (default: TCP when --port is given)",
     )
-    why.add_argument("--format", choices=("text", "json"), default="text")
+    why.add_argument(
+        "--format",
+        choices=("text", "json"),
+        default="text",
+        help="text for people, json for automation (default: %(default)s)",
+    )
     _source(why)
     why.set_defaults(func=_explain)
+
+    clean = sub.add_parser(
+        "cleanup",
+        help="remove egressgw's nftables table and the egress IPs it added (uninstall)",
+        description="Delete the nftables table and remove from the uplink the egress IPs the "
+        "daemon added (as the table records them; the node's own addresses stay). Stop the "
+        "daemon first: a running one would create its table again. Needs root "
+        "(CAP_NET_ADMIN). Exit status: 0 (also when there is nothing to remove), 2 cannot.",
+    )
+    clean.add_argument(
+        "--table",
+        type=table_name,
+        default="egressgw",
+        metavar="NAME",
+        help="the daemon's --table (default: %(default)s)",
+    )
+    clean.add_argument(
+        "--uplink",
+        metavar="IFACE",
+        help="interface the egress IPs are on (default: the one the table's rules name)",
+    )
+    clean.add_argument(
+        "--netns",
+        metavar="NAME",
+        help="for tests and labs: clean this network namespace (default: this one)",
+    )
+    clean.set_defaults(func=_cleanup)

@@ -113,7 +113,7 @@ UDP_RECEIVE_BUFFER_BYTES = 4 * 1024 * 1024
 SO_RCVBUFFORCE = 33  # Linux; needs CAP_NET_ADMIN, which the gateway has
 
 
-def _udp_socket(host: str, port: int) -> socket.socket:
+def udp_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
@@ -372,7 +372,7 @@ class DnsServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         for host, port in self.listen:
-            udp = _Udp(self.interceptor, _udp_socket(host, port))
+            udp = _Udp(self.interceptor, udp_socket(host, port))
             loop.add_reader(udp.sock.fileno(), udp.readable)
             self._udp.append(udp)
             self._tcp.append(await loop.create_server(partial(_Tcp, self), host, port))

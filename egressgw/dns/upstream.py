@@ -404,9 +404,32 @@ class Upstream:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
+        """Open every upstream's socket. One that cannot be opened (a UDP socket cannot even
+        be connected to an address with no route) is demoted at once, as an ICMP error would
+        demote it at run time, and the others start as usual; ``reopen`` tries it again."""
         self._loop = asyncio.get_running_loop()
+        self.reopen(announce=True)
+
+    def reopen(self, announce: bool = False) -> list[str]:
+        """Open the socket of every upstream that has none; the labels of those still
+        without one. ``announce``: demote (and log) each that fails."""
+        if self._loop is None:
+            return []
+        closed: list[str] = []
         for server in self._servers:
-            server.open(self._loop)
+            if server.sock is not None:
+                continue
+            try:
+                server.open(self._loop)
+            except OSError as exc:
+                closed.append(server.label)
+                error = Unreachable(f"{server.label}: {exc.strerror or exc}")
+                if server.health.unreachable(time.monotonic()) and announce:
+                    server.demoted("unreachable", error)
+                continue
+            if not announce:
+                log.info("dns: upstream %s can be reached now", server.label)
+        return closed
 
     def close(self) -> None:
         if self._timer is not None:

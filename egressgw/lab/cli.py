@@ -10,17 +10,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import shutil
 import signal
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from egressgw.lab import demo, services
 from egressgw.lab.lab import Lab, down, is_alive
 from egressgw.lab.netns import LabError
+from egressgw.lab.state import state_dir
 from egressgw.lab.topology import (
+    DAEMON_HTTP_LISTEN,
     DEFAULT_LAB_NAME,
     PODS,
     TRANSIT_GATEWAY_V4,
@@ -29,37 +34,57 @@ from egressgw.lab.topology import (
 )
 
 
-def add_lab_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_lab_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     lab = subparsers.add_parser(
         "lab",
         help="a small cluster in network namespaces: pods, a gateway, an external network",
         description=__doc__,
     )
-    sub = lab.add_subparsers(dest="lab_command", required=True)
+    sub = lab.add_subparsers(dest="lab_command", required=True, metavar="COMMAND")
 
     def with_name(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         parser.add_argument(
             "--name",
             default=DEFAULT_LAB_NAME,
-            help=f"lab name, the prefix of its network namespaces (default {DEFAULT_LAB_NAME})",
+            help="lab name, the prefix of its network namespaces (default: %(default)s)",
         )
         return parser
 
-    up = with_name(sub.add_parser("up", help="build the lab and start the daemon"))
-    up.add_argument("--policies", type=Path, metavar="DIR", help="policy YAML files to load")
+    policies_help = "directory of policy YAML files to load (default: the examples in policies/)"
+    up = with_name(
+        sub.add_parser(
+            "up",
+            help="build the lab and start the daemon",
+            description="Build the lab, start the daemon, and print commands to try. Exit "
+            "status: 0 up, 1 a step failed, 2 the lab cannot run here.",
+        )
+    )
+    up.add_argument("--policies", type=Path, metavar="DIR", help=policies_help)
     up.add_argument("--no-daemon", action="store_true", help="build the network and servers only")
     up.add_argument(
         "--daemon-arg",
         action="append",
         default=[],
         metavar="ARG",
-        help="extra argument for `egressgw run` (repeatable)",
+        help="extra argument for `egressgw run`; repeatable",
     )
     up.set_defaults(func=lab_up)
 
-    run_demo = with_name(sub.add_parser("demo", help="bring the lab up, probe every pod, report"))
-    run_demo.add_argument("--policies", type=Path, metavar="DIR", help="policy YAML files to load")
-    run_demo.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
+    run_demo = with_name(
+        sub.add_parser(
+            "demo",
+            help="bring the lab up, probe every pod, report",
+            description="Bring the lab up (or use the one that is up), probe every pod, print "
+            "a table of what happened. Exit status: 0 every row as expected, 1 a row did not "
+            "match or a step failed, 2 the lab cannot run here.",
+        )
+    )
+    run_demo.add_argument("--policies", type=Path, metavar="DIR", help=policies_help)
+    run_demo.add_argument(
+        "--keep",
+        action="store_true",
+        help="leave the lab up afterwards and print commands to try (default: tear it down)",
+    )
     run_demo.set_defaults(func=lab_demo)
 
     status = with_name(sub.add_parser("status", help="namespaces, processes and addresses"))
@@ -103,26 +128,54 @@ def lab_up(args: argparse.Namespace) -> int:
         print(f"egressgw lab up: {exc}", file=sys.stderr)
         return 1
     print(f"lab {args.name!r} is up after {time.monotonic() - start:.1f}s; state in {lab.statedir}")
-    print(_usage(lab))
+    print(usage(lab.state.name, lab.statedir, daemon=not args.no_daemon))
     return 0
 
 
-def _usage(lab: Lab) -> str:
-    n = lab.names
+def egressgw_command() -> str:
+    """How a shell here runs egressgw: by name when it is on PATH, else by its path."""
+    if shutil.which("egressgw"):
+        return "egressgw"
+    started = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    if started is not None and started.name == "egressgw" and started.exists():
+        return shlex.quote(str(started.absolute()))
+    return f"{shlex.quote(sys.executable)} -m egressgw"
+
+
+def usage(name: str, statedir: Path | None = None, *, daemon: bool = True) -> str:
+    """What to try in the lab named ``name``: commands that run as printed, as root."""
+    n = NetnsNames(name)
+    manifests = (statedir or state_dir(name)) / "manifests"
     pod = PODS[0]
-    return "\n".join(
-        [
-            "namespaces: " + " ".join(n.all()),
-            f"try:  ip netns exec {n.pod(pod)} psql -h db.lab.example -U postgres orders"
-            ' -c "select inet_client_addr()"',
-            f"      ip netns exec {n.pod(pod)} curl http://web.lab.example/",
-            f"      ip netns exec {n.pod(pod)} getent hosts blocked.lab.example   # NXDOMAIN",
+    egressgw = egressgw_command()
+    url = f"http://{DAEMON_HTTP_LISTEN}"
+    in_gw = f"ip netns exec {n.gateway}"
+    lines = [
+        "namespaces: " + " ".join(n.all()),
+        f"try:  ip netns exec {n.pod(pod)} psql -h db.lab.example -U postgres orders"
+        ' -c "select inet_client_addr()"',
+        f"      ip netns exec {n.pod(pod)} curl http://web.lab.example/",
+        f"      ip netns exec {n.pod(pod)} getent hosts blocked.lab.example"
+        "   # NXDOMAIN: exit status 2",
+        f"ask:  {egressgw} policy check {manifests}",
+        f"      {egressgw} explain --manifests {manifests} --namespace payments --pod api-0"
+        " --host db.lab.example --port 5432",
+    ]
+    if daemon:
+        lines += [
+            f"      {in_gw} {egressgw} explain --url {url} --namespace analytics --pod etl-0"
+            " --host web.lab.example --port 80   # denied: exit status 1",
+            f"      {in_gw} {egressgw} egress-ips --url {url}",
+            f"      {in_gw} curl -s '{url}/v1/decisions?limit=5'   # recent DNS denials",
+            f"      {in_gw} curl -s {url}/metrics | grep '^egressgw_dns_queries_total'",
             "dns:  pods resolve through egressgw's interceptor (their resolv.conf: "
             f"{TRANSIT_GATEWAY_V4}, {TRANSIT_GATEWAY_V6})",
-            f"logs: {lab.statedir}/{{egressgw,postgres,httpd,dnsmasq}}.log",
-            f"stop: egressgw lab down --name {lab.state.name}",
         ]
-    )
+    lines += [
+        f"logs: {manifests.parent}/{{egressgw,postgres,httpd,dnsmasq}}.log",
+        f"stop: {egressgw} lab down --name {name}",
+    ]
+    return "\n".join(lines)
 
 
 def lab_demo(args: argparse.Namespace) -> int:
@@ -168,9 +221,8 @@ def lab_demo(args: argparse.Namespace) -> int:
         if lab is not None and created and not args.keep:
             lab.down()
         elif lab is not None:
-            print(
-                f"lab {args.name!r} left up; remove it with: egressgw lab down --name {args.name}"
-            )
+            print(f"\nlab {args.name!r} left up")
+            print(usage(lab.state.name, lab.statedir))
 
 
 def lab_status(args: argparse.Namespace) -> int:

@@ -30,6 +30,9 @@ class FakeUpstream:
     async def start(self) -> None:
         return None
 
+    def reopen(self) -> list[str]:
+        return []
+
     def close(self) -> None:
         return None
 

@@ -242,11 +242,11 @@ def test_dead_upstreams_fail_over_are_demoted_and_all_dead_is_servfail(
 
 def test_queries_that_arrive_while_the_server_is_held_up_wait_instead_of_being_dropped() -> None:
     # 2,000 queries sent while nothing reads: the default buffer would drop all but ~250
-    from egressgw.dns.server import _udp_socket
+    from egressgw.dns.server import udp_socket
     from tests.conftest import require_kernel
 
     require_kernel()  # raising the buffer past rmem_max needs CAP_NET_ADMIN
-    server = _udp_socket("127.0.0.1", 0)
+    server = udp_socket("127.0.0.1", 0)
     client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         query = bytes(DNSRecord.question("db.lab.example").pack())

@@ -79,8 +79,10 @@ def test_egress_ips_from_a_missing_directory_says_so(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     code, out, err = run(capsys, "egress-ips", "--manifests", str(tmp_path / "nope"))
-    assert code == 0 and out.splitlines()[1:] == []
-    assert "no such file or directory" in err
+    assert code == 2 and out == ""
+    assert err.splitlines() == [
+        f"egressgw egress-ips: --manifests {tmp_path / 'nope'}: no such file or directory"
+    ]
 
 
 # -- explain ----------------------------------------------------------------------------------
