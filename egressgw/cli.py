@@ -124,6 +124,7 @@ def settings_of(args: argparse.Namespace) -> Settings:
         max_addresses_per_identity=args.max_addresses_per_identity,
         rate_per_source_qps=args.rate_limit,
         burst_per_source=args.rate_limit * 2,
+        log_allowed_per_second=args.log_allowed,
     )
     return Settings(
         uplink=args.uplink,
@@ -139,7 +140,6 @@ def settings_of(args: argparse.Namespace) -> Settings:
         netlink_buffer_bytes=args.netlink_buffer_bytes,
         dns_tcp_per_source=args.dns_tcp_per_source,
         dns_tcp_pipeline=args.dns_tcp_pipeline,
-        log_allowed_per_second=args.log_allowed,
     )
 
 

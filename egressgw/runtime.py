@@ -31,7 +31,7 @@ from typing import Any
 
 from aiohttp import web
 
-from egressgw import logs, metrics
+from egressgw import metrics
 from egressgw.contracts import Datapath, Ownership, Source, StatusSink
 from egressgw.datapath.addresses import IPAddress as AddressOnLink
 from egressgw.datapath.addresses import UplinkAddresses
@@ -53,7 +53,6 @@ HOUSEKEEPING_INTERVAL_S = 5.0
 COLLECT_INTERVAL_S = 1.0
 RETRY_FIRST_S = 1.0  # a failed apply is tried again after this, doubling up to RETRY_MAX_S
 RETRY_MAX_S = 30.0
-DECISION_LINES_INTERVAL_S = 1.0  # the window of --log-allowed
 CAP_NET_ADMIN = 12  # the capability's bit in /proc/self/status CapEff
 
 
@@ -87,7 +86,6 @@ class Settings:
     netlink_buffer_bytes: int = SOCKET_BUFFER_BYTES  # asked for the nftables socket, per direction
     dns_tcp_per_source: int = TCP_PER_SOURCE  # DNS-over-TCP connections one source may hold
     dns_tcp_pipeline: int = TCP_IN_FLIGHT  # queries in flight per DNS-over-TCP connection
-    log_allowed_per_second: int = 0  # allowed DNS decisions logged at INFO per second; 0: none
 
 
 def listen_label(host: str, port: int) -> str:
@@ -204,16 +202,6 @@ def adopt_problem(settings: Settings, exc: Exception) -> StartupError:
     if isinstance(exc, PermissionError) or getattr(exc, "errno", None) == errno.EPERM:
         return StartupError(f"not permitted: {exc} (CAP_NET_ADMIN is needed)")
     return StartupError(f"could not adopt table {settings.table}: {lines[0]}")
-
-
-def allowed_answers() -> int:
-    """Allowed DNS answers so far (egressgw_dns_queries_total{verdict="allow"})."""
-    total = 0.0
-    for family in metrics.DNS_QUERIES.collect():
-        for sample in family.samples:
-            if sample.name.endswith("_total") and sample.labels.get("verdict") == "allow":
-                total += sample.value
-    return int(total)
 
 
 def _addresses_text(addresses: Sequence[AddressOnLink]) -> str:
@@ -505,15 +493,6 @@ class Daemon:
                 self.interceptor.forget_expired()
                 self.interceptor.upstream.reopen()  # those that could not be opened yet
 
-    async def _decision_lines(self, lines: logs.AllowedDecisions) -> None:
-        """Ends each second of --log-allowed: how many allowed decisions went unlogged."""
-        before = allowed_answers()
-        while True:
-            await asyncio.sleep(DECISION_LINES_INTERVAL_S)
-            now = allowed_answers()
-            lines.tick(now - before)
-            before = now
-
     async def _collect_young(self) -> None:
         """Answers and decisions the DNS path caches between applies are long-lived too. A
         full collection walks every object not frozen: over a few seconds of answers that
@@ -581,24 +560,12 @@ class Daemon:
             reason = _BIND_REASONS.get(exc.errno or 0) or str(exc.strerror or exc)
             raise StartupError(f"--dns-listen {listen}: {reason}") from None
 
-    def _start_decision_lines(self) -> logs.AllowedDecisions | None:
-        lines = logs.allowed_decisions()
-        per_second = self.settings.log_allowed_per_second
-        if lines is None or self.interceptor is None or per_second <= 0:
-            return None
-        if not logging.DEBUG < lines.level <= logging.INFO:
-            return None  # DEBUG shows every decision already; WARNING shows none
-        lines.start(per_second)
-        self._spawn(self._decision_lines(lines), "decision-lines")
-        return lines
-
     async def run(self) -> int:
         """Serve until SIGTERM/SIGINT; ``StartupError`` if it cannot start."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         runner: web.AppRunner | None = None
-        lines: logs.AllowedDecisions | None = None
         try:
             await asyncio.to_thread(preflight, self.settings)
             probe_dns_listen(self.settings.dns_listen)
@@ -611,7 +578,6 @@ class Daemon:
             await self._adopt()
             if self.interceptor is not None:
                 await self._start_dns(self.interceptor)
-            lines = self._start_decision_lines()
             self._spawn(self._follow_source(), "follow-source")
             self._spawn(self._follow_ownership(), "follow-ownership")
             self._spawn(self._housekeeping(), "housekeeping")
@@ -621,8 +587,6 @@ class Daemon:
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
-            if lines is not None:
-                lines.stop()
             if self._dns is not None:
                 await self._dns.close()
             if self.interceptor is not None:

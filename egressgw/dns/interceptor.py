@@ -128,6 +128,7 @@ class DnsSettings:
     burst_per_source: float = 1000.0
     cache_size: int = 65536
     recent_denials: int = 256  # how many denials /v1/decisions can show
+    log_allowed_per_second: int = 0  # allowed decisions logged at INFO a second (DEBUG: all)
 
 
 @dataclass
@@ -193,6 +194,44 @@ class Deferred(NamedTuple):
     names: NamePolicy  # the plan it was decided under
 
 
+class _AllowedLines:
+    """At most ``per_second`` allowed-decision lines at INFO in each second of the clock, and
+    one line at the end of a second that had more, saying how many went unlogged (repeated
+    queries answered from the memo included: they are counted, not decided again)."""
+
+    def __init__(self, per_second: int) -> None:
+        self.per_second = per_second
+        self.second = 0
+        self.logged = 0
+        self.allowed = 0  # allowed answers in the current second, logged or not
+
+    def take(self, now: float) -> bool:
+        """Whether an allowed decision may be logged at ``now``."""
+        self.roll(now)
+        if self.logged >= self.per_second:
+            return False
+        self.logged += 1
+        return True
+
+    def count(self, n: int, now: float) -> None:
+        self.roll(now)
+        self.allowed += n
+
+    def roll(self, now: float) -> None:
+        second = int(now)
+        if second == self.second:
+            return
+        unlogged = self.allowed - self.logged
+        if unlogged > 0 and self.per_second > 0:
+            log.info(
+                "dns: %d allowed decisions in the last second not logged "
+                "(at most %d lines a second, --log-allowed)",
+                unlogged,
+                self.per_second,
+            )
+        self.second, self.logged, self.allowed = second, 0, 0
+
+
 class Interceptor:
     def __init__(
         self,
@@ -219,6 +258,7 @@ class Interceptor:
         self._replied = [0] * len(READY_LABELS)  # replies given by ``ready``, not yet counted
         self.recent_denials: deque[DecisionRecord] = deque(maxlen=settings.recent_denials)
         self._cap_logged: dict[int, float] = {}  # identity -> when its cap was last logged
+        self._allowed_lines = _AllowedLines(settings.log_allowed_per_second)
 
         self._counters: dict[tuple[str, str], metrics.CounterChild] = {}
         self._cache_hit = metrics.DNS_CACHE.labels("hit")
@@ -231,6 +271,8 @@ class Interceptor:
         if child is None:
             child = self._counters[(verdict, reason)] = metrics.DNS_QUERIES.labels(verdict, reason)
         child.inc(n)
+        if verdict == "allow" and self._allowed_lines.per_second:
+            self._allowed_lines.count(n, self.clock())
 
     def offer(self, view: PolicyView) -> None:
         """Hand a new plan over from another thread; the loop takes it at its next query."""
@@ -286,6 +328,7 @@ class Interceptor:
         self.view.names.forget_unused()
         for identity in [i for i, t in self._cap_logged.items() if now - t >= CAP_LOG_INTERVAL_S]:
             del self._cap_logged[identity]
+        self._allowed_lines.roll(now)  # a quiet gateway still says what its last second left out
         for kind, held in self.remembered().items():
             metrics.DNS_REMEMBERED.labels(kind).set(held)
         return dropped
@@ -635,7 +678,12 @@ class Interceptor:
         answer: Answer | None = None,
     ) -> None:
         """The one canonical line per decision; denials are also kept in ``recent_denials``."""
-        level = logging.DEBUG if verdict == "allow" else logging.INFO
+        level = logging.INFO
+        if verdict == "allow":
+            if log.isEnabledFor(logging.DEBUG):
+                level = logging.DEBUG
+            elif not self._allowed_lines.take(self.clock()):
+                return
         denied = verdict in ("deny", "refused")
         if not denied and not log.isEnabledFor(level):
             return

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import ipaddress
+import json
+import logging
 import time
 
 import pytest
@@ -12,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
+from egressgw import logs
 from egressgw.dns.interceptor import Deferred, DnsSettings, Interceptor, PolicyView
 from egressgw.dns.names import NamePolicy
 from egressgw.dns.upstream import Upstream
@@ -576,3 +580,43 @@ def test_what_the_dns_path_remembers_is_dropped_once_it_expired() -> None:
     assert sample == 0
     assert addresses(env.ask("db.lab.example")) == ["203.0.113.10"]  # asked upstream again
     assert env.upstream.asked["db.lab.example"] == 2
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_allowed_decisions_are_logged_at_info_at_most_n_a_second(fmt: str) -> None:
+    stream = io.StringIO()
+    logs.configure("INFO", fmt, stream)
+    env = Env(log_allowed_per_second=2)
+    for _ in range(2):  # two seconds of five allowed answers each, one of them a repeat
+        for name, qtype in [("db.lab.example", "A"), ("db.lab.example", "AAAA"),
+                            ("www.cdn.lab.example", "A"), ("alias.lab.example", "A"),
+                            ("db.lab.example", "A")]:  # fmt: skip
+            assert env.ask(name, qtype).header.rcode == RCODE.NOERROR
+        env.interceptor.flush_counts()  # as the server does after each batch
+        env.clock.now += 1
+    env.interceptor.forget_expired()  # a quiet gateway still reports its last second
+    lines = stream.getvalue().splitlines()
+    if fmt == "json":
+        records = [json.loads(line) for line in lines]
+        decisions = [r for r in records if r.get("verdict") == "allow"]
+        assert {r["level"] for r in decisions} == {"INFO"}
+        texts = [r["message"] for r in records if "not logged" in r["message"]]
+    else:
+        decisions = [line for line in lines if "verdict=allow" in line]
+        assert all(" INFO egressgw.dns: dns decision " in line for line in decisions)
+        texts = [line for line in lines if "not logged" in line]
+    assert len(decisions) == 4  # two a second
+    # the rest of each second is counted, repeated queries answered from memory included
+    assert len(texts) == 2 and all("3 allowed decisions in the last second" in t for t in texts)
+    assert not logging.getLogger("egressgw.dns").isEnabledFor(logging.DEBUG)
+
+
+def test_no_allowed_decision_is_logged_at_info_by_default() -> None:
+    stream = io.StringIO()
+    logs.configure("INFO", "text", stream)
+    env = Env()
+    env.ask("db.lab.example")
+    env.ask("blocked.lab.example")
+    lines = stream.getvalue().splitlines()
+    assert [line for line in lines if "verdict=allow" in line] == []
+    assert len([line for line in lines if "verdict=deny" in line]) == 1

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import logging
 import shlex
 import shutil
@@ -255,7 +254,7 @@ def test_log_options_after_run_reach_the_daemon(
 
     class Recorder:
         def __init__(self, settings: Settings, kube: object = None) -> None:
-            seen.append((logging.getLogger().level, settings.log_allowed_per_second))
+            seen.append((logging.getLogger().level, settings.dns.log_allowed_per_second))
 
         async def run(self) -> int:
             return 0
@@ -304,54 +303,6 @@ def test_text_decision_lines_keep_every_value_one_field() -> None:
         "addresses": "203.0.113.10,2001:db8::10",
     }
     assert 'reason="no rule matches \\"evil name\\" = yes \\\\ really"' in message
-
-
-def test_allowed_decisions_are_logged_at_info_at_most_n_a_second() -> None:
-    stream = io.StringIO()
-    logs.configure("INFO", "text", stream)
-    lines = logs.allowed_decisions()
-    assert lines is not None
-    dns = logging.getLogger("egressgw.dns")
-    lines.start(2)
-    try:
-        for n in range(5):
-            dns.debug("x", extra={"decision": decision("allowed", f"n{n}.example", "allow")})
-        assert not dns.isEnabledFor(logging.DEBUG)  # the second's lines are spent
-        dns.debug("dns: malformed query from 192.0.2.1")  # DEBUG detail stays out
-        logging.getLogger("egressgw.dns.upstream").debug("upstream detail")
-        logging.getLogger("asyncio").debug("library detail")
-        assert lines.tick(allowed=9) == 7
-        assert dns.isEnabledFor(logging.DEBUG)  # a new second: allowed decisions come again
-        dns.debug("x", extra={"decision": decision("allowed", "again.example", "allow")})
-    finally:
-        lines.stop()
-    out = stream.getvalue().splitlines()
-    assert len(out) == 4, out
-    assert [" INFO egressgw.dns: dns" in line for line in out] == [True] * 4
-    assert "name=n0.example" in out[0] and "verdict=allow" in out[0]
-    assert "name=n1.example" in out[1]
-    assert out[2].endswith(
-        "egressgw.dns: dns: 7 allowed decisions in the last second not logged (at most 2 "
-        "lines a second, --log-allowed)"
-    )
-    assert "name=again.example" in out[3]
-    assert not dns.isEnabledFor(logging.DEBUG)  # stopped: back to the operator's level
-
-
-def test_json_allowed_decisions_carry_level_info() -> None:
-    stream = io.StringIO()
-    logs.configure("INFO", "json", stream)
-    lines = logs.allowed_decisions()
-    assert lines is not None
-    lines.start(5)
-    try:
-        logging.getLogger("egressgw.dns").debug(
-            "dns decision ...", extra={"decision": decision("ok", verdict="allow")}
-        )
-    finally:
-        lines.stop()
-    (record,) = (json.loads(line) for line in stream.getvalue().splitlines())
-    assert (record["level"], record["verdict"]) == ("INFO", "allow")
 
 
 # -- help: every flag says what it does, its unit and its default -----------------------------
