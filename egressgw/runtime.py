@@ -508,7 +508,6 @@ class Daemon:
             await asyncio.sleep(COLLECT_INTERVAL_S)
             gc.collect(1)
             gc.freeze()
-            metrics.GC_FROZEN_OBJECTS.set(gc.get_freeze_count())
 
     def _spawn(self, coro: object, name: str) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]

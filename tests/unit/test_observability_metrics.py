@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import ipaddress
 import json
@@ -197,3 +198,12 @@ def test_series_whose_labels_are_known_are_exported_at_zero_from_the_start() -> 
         assert line in exposition
     for unlabelled in ("egressgw_apply_retries_total", "egressgw_learned_revoked_total"):
         assert f"\n{unlabelled} " in exposition
+
+
+def test_frozen_objects_are_counted_when_scraped() -> None:
+    gc.freeze()
+    try:
+        assert REGISTRY.get_sample_value("egressgw_gc_frozen_objects") == gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+    assert REGISTRY.get_sample_value("egressgw_gc_frozen_objects") == 0
