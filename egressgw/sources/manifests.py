@@ -10,11 +10,20 @@ any problem is reported and ignored as a whole, and the objects it held when it 
 stay in force, so a bad edit never opens or closes anything. That is why files are parsed one by
 one and merged afterwards.
 
-Change detection polls ``stat`` of every file twice a second: cheap, and it works on every
-filesystem. The stamp follows symlinks and includes the file's inode and the generation
-directory it lies in, so a ConfigMap swap (new files behind the same visible names, possibly of
-the same size and mtime) and an editor's rename are both seen. A file whose stamp changed but
-whose bytes did not (the other keys of a ConfigMap changed) is not parsed again.
+Change detection waits on inotify (``sources.watch``): the directory and every visible
+subdirectory are watched, and a batch of events (a file written, renamed over, created or
+removed, a subdirectory added or removed, the kubelet swapping a ConfigMap mount's ``..data``)
+settles into one rescan, so nothing runs while nothing changes. A slow safety poll rescans every
+``safety_poll_s`` anyway, for a filesystem that does not report every change. Where inotify
+cannot be used (no inotify, or ``fs.inotify.max_user_watches`` exhausted) the source says so once
+and polls ``stat`` of every file every ``poll_interval_s`` instead; while the directory is
+missing it is looked for at that interval too.
+
+A rescan is the same either way: ``stat`` of every file, and only the changed ones read. The stamp
+follows symlinks and includes the file's inode and the generation directory it lies in, so a
+ConfigMap swap (new files behind the same visible names, possibly of the same size and mtime)
+and an editor's rename are both seen. A file whose stamp changed but whose bytes did not (the
+other keys of a ConfigMap changed) is not parsed again.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -38,9 +47,11 @@ from egressgw.policy.load import (
     walk,
 )
 from egressgw.policy.model import Snapshot
+from egressgw.sources.watch import DirectoryWatcher, WatchUnavailable
 
 log = logging.getLogger(__name__)
-POLL_INTERVAL_S = 0.5
+POLL_INTERVAL_S = 0.5  # without inotify, or while the directory is missing
+SAFETY_POLL_S = 60.0  # with inotify: a rescan anyway, for changes no event reported
 SCAN_ATTEMPTS = 5  # scans restarted because the kubelet swapped generations meanwhile
 
 
@@ -54,9 +65,15 @@ class FileState:
 
 
 class ManifestSource:
-    def __init__(self, directory: str | Path, poll_interval_s: float = POLL_INTERVAL_S) -> None:
+    def __init__(
+        self,
+        directory: str | Path,
+        poll_interval_s: float = POLL_INTERVAL_S,
+        safety_poll_s: float = SAFETY_POLL_S,
+    ) -> None:
         self.directory = Path(directory)
         self.poll_interval_s = poll_interval_s
+        self.safety_poll_s = safety_poll_s
         self.files: dict[Path, FileState] = {}  # in the walk's order: the order duplicates use
         self.cross_problems: list[Problem] = []  # duplicates and clashes between files
         self.synced = asyncio.Event()
@@ -77,7 +94,8 @@ class ManifestSource:
                 continue  # the old generation was removed under this scan: read the new one
         else:
             log.warning(
-                "%s changed generation %d times during one scan; trying again at the next poll",
+                "%s changed generation %d times during one scan;"
+                " trying again at the next change or poll",
                 self.directory,
                 SCAN_ATTEMPTS,
             )
@@ -148,20 +166,64 @@ class ManifestSource:
             return False
         return {f.path: f.stamp for f in found} == {p: s.stamp for p, s in self.files.items()}
 
-    async def snapshots(self) -> AsyncIterator[Snapshot]:
-        """The first Snapshot at once, then one after each change. Runs until cancelled.
+    async def snapshots(self) -> AsyncGenerator[Snapshot, None]:
+        """The first Snapshot at once, then one after each change. Runs until cancelled; the
+        watches are released when it stops.
 
-        The poll runs on the event loop; only reading changed files goes to a worker thread. A
-        thread woken twice a second would take the interpreter lock from the loop for up to the
-        5 ms switch interval each time, which showed as DNS tail latency under load.
+        With inotify, each look (a settled batch of events, or the safety poll) is one trip to
+        a worker thread that brings the watches up to date, then rescans. Without it, the poll
+        runs on the event loop and only reading changed files goes to a worker thread: a thread
+        woken twice a second would take the interpreter lock from the loop for up to the 5 ms
+        switch interval each time, which showed as DNS tail latency under load.
         """
-        while True:
-            snapshot = None
-            try:
-                if not self.unchanged():
-                    snapshot = await asyncio.to_thread(self.scan)
-            except FileNotFoundError as exc:
-                log.error("%s", exc)
-            if snapshot is not None:
-                yield snapshot
-            await asyncio.sleep(self.poll_interval_s)
+        watcher = self._watcher()
+        try:
+            while True:
+                snapshot = None
+                try:
+                    if watcher is not None:
+                        snapshot = await asyncio.to_thread(self._sync_and_scan, watcher)
+                    elif not self.unchanged():
+                        snapshot = await asyncio.to_thread(self.scan)
+                except WatchUnavailable as exc:
+                    self._polling_instead(exc)
+                    assert watcher is not None
+                    watcher.close()
+                    watcher = None
+                    continue  # look again at once, by polling
+                except FileNotFoundError as exc:
+                    log.error("%s", exc)
+                if snapshot is not None:
+                    yield snapshot
+                if watcher is None:
+                    await asyncio.sleep(self.poll_interval_s)
+                elif watcher.complete:
+                    await watcher.wait(self.safety_poll_s)
+                else:  # the directory is missing: poll until it is back and watched
+                    await watcher.wait(self.poll_interval_s)
+        finally:
+            if watcher is not None:
+                watcher.close()
+
+    def _watcher(self) -> DirectoryWatcher | None:
+        watcher = DirectoryWatcher(self.directory)
+        try:
+            watcher.start()
+        except WatchUnavailable as exc:
+            self._polling_instead(exc)
+            return None
+        return watcher
+
+    def _polling_instead(self, exc: WatchUnavailable) -> None:
+        log.warning(
+            "cannot watch %s for changes (%s); polling it every %g s instead",
+            self.directory,
+            exc,
+            self.poll_interval_s,
+        )
+
+    def _sync_and_scan(self, watcher: DirectoryWatcher) -> Snapshot | None:
+        """Watch what the scan is about to read, then scan: a directory created meanwhile is
+        either read by this scan or reported by its new watch."""
+        watcher.sync()
+        return self.scan()

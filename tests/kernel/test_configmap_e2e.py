@@ -81,3 +81,21 @@ def test_an_atomic_configmap_swap_applies_the_new_generation_within_two_seconds(
     assert f"manifest loaded: {mount.root / 'policy.yaml'}" in log
     assert source_seen(topo, SERVER4, OLD_PORT) is None
     assert source_seen(topo, SERVER4, NEW_PORT) == EGRESS_IP
+
+
+def test_two_swaps_in_quick_succession_end_at_the_second_generation(
+    env: tuple[Topology, Daemon, ConfigMapMount],
+) -> None:
+    """The kubelet may swap again before the first swap's rescan: the events of both settle
+    into rescans that end at the newest generation, followed through inotify, not by polling."""
+    topo, daemon, mount = env
+    assert source_seen(topo, SERVER4, OLD_PORT) == EGRESS_IP
+    mount.update(files(NEW_PORT + 1))  # nothing listens there
+    mount.update(files(NEW_PORT))
+    wait_for(lambda: source_seen(topo, SERVER4, OLD_PORT) is None, f"port {OLD_PORT} to close", 2)
+    assert source_seen(topo, SERVER4, NEW_PORT) == EGRESS_IP
+    assert source_seen(topo, SERVER6, NEW_PORT) == "2001:db8:100::10"
+    log = daemon.log()
+    assert "cannot watch" not in log
+    assert "already defined" not in log
+    assert "invalid" not in log
