@@ -46,7 +46,8 @@ FIRST, SECOND = "127.0.0.1", "127.0.0.2"
 
 
 class _Resolver(asyncio.DatagramProtocol):
-    """Answers every A query with 203.0.113.N; names starting with ``slow`` after ``delay_s``.
+    """Answers every A query with 203.0.113.N (60 of them for names starting with ``big``);
+    names starting with ``slow`` after ``delay_s``.
     Keeps the most queries it ever had waiting at once."""
 
     def __init__(self, delay_s: float) -> None:
@@ -62,7 +63,10 @@ class _Resolver(asyncio.DatagramProtocol):
         request = DNSRecord.parse(data)
         name = str(request.q.qname).rstrip(".")
         reply = request.reply()
-        reply.add_answer(RR(name, QTYPE.A, rdata=A(f"203.0.113.{len(name) % 250}"), ttl=60))
+        for n in range(60 if name.startswith("big") else 1):  # big: a reply of about 1 KB
+            reply.add_answer(
+                RR(name, QTYPE.A, rdata=A(f"203.0.113.{(len(name) + n) % 250}"), ttl=60)
+            )
         if not name.startswith("slow"):
             self._send(bytes(reply.pack()), addr)
             return
@@ -243,7 +247,7 @@ def test_a_client_that_never_reads_is_disconnected_after_the_write_deadline() ->
             await loop.sock_connect(client, (FIRST, port))
             # denied names, answered by the gateway itself: it keeps answering until the
             # replies fill the buffers on the way, then waits for a client that never reads
-            batch = _frame("x.other.example", 1) * 1000
+            batch = _frame("big.test.example", 1) * 100  # each answered with about 1 KB
             pending, sent, started = bytearray(), 0, time.monotonic()
             while _closed("write timeout") == timeouts and sent < 1_000_000:
                 assert time.monotonic() - started < 10, f"still open after {sent} queries"
@@ -507,7 +511,7 @@ def test_tcp_connections_cut_short_by_the_limits_leave_no_cyclic_garbage() -> No
         sock.setblocking(False)
         with sock:
             await loop.sock_connect(sock, (FIRST, port))
-            batch = _frame("x.other.example", 1) * 1000
+            batch = _frame("big.test.example", 1) * 100  # each answered with about 1 KB
             for _ in range(500):
                 try:
                     sock.send(batch)
