@@ -21,14 +21,22 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from egressgw import __version__
+
+if TYPE_CHECKING:  # metrics is imported by the layers below these: types only
+    from egressgw.datapath.kernel import Traffic
+    from egressgw.identity import IPAddress
+    from egressgw.plan import Plan
+    from egressgw.policy.load import Problem
+    from egressgw.policy.model import Snapshot
 
 log = logging.getLogger("egressgw.metrics")
 
@@ -189,6 +197,57 @@ class GatewayReport:
     egress_ips: Iterable[EgressIPState] = ()
     policies: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (namespace, mode) ->
     invalid_objects: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (kind, ns) ->
+
+
+def gateway_report(
+    node: str,
+    plan: Plan | None,
+    snapshot: Snapshot | None,
+    held: frozenset[IPAddress],
+    problems: Callable[[], Sequence[Problem]],
+    learned_by_identity: Callable[[], Mapping[int, int]],
+    counters: Callable[[], Mapping[int, Traffic]] | None,
+) -> GatewayReport:
+    """What a scrape shows of the gateway: learned elements and traffic per namespace (from
+    the datapath's per-identity figures, read now; ``counters`` None while nothing is adopted),
+    each egress IP and whether this node holds it, policies per namespace and mode, and the
+    objects the source found invalid. Nothing until the first plan."""
+    report = GatewayReport(node=node)
+    if plan is None or snapshot is None:
+        return report
+    namespace_of = {i: c.rsplit("/", 1)[0] for i, c in plan.desired.identities.items()}
+    namespace_of.update({i: s.pod.namespace for i, s in plan.selections.items()})
+    learned: dict[str, int] = dict.fromkeys(sorted(set(namespace_of.values())), 0)
+    for identity, count in learned_by_identity().items():
+        namespace = namespace_of.get(identity)
+        if namespace is not None:
+            learned[namespace] += count
+    report.learned_elements = learned
+    if counters is not None:
+        report.traffic = {
+            identity: (
+                namespace_of[identity],
+                TrafficSample(
+                    t.accepted_packets, t.accepted_bytes, t.rejected_packets, t.rejected_bytes
+                ),
+            )
+            for identity, t in counters().items()
+            if identity in namespace_of
+        }
+    report.egress_ips = [
+        EgressIPState(g.name, str(a), a in held) for g in snapshot.gateways for a in g.egress_ips
+    ]
+    policies: dict[tuple[str, str], int] = {}
+    for policy in snapshot.policies:
+        key = (policy.namespace, str(policy.mode))
+        policies[key] = policies.get(key, 0) + 1
+    report.policies = policies
+    invalid: dict[tuple[str, str], int] = {}
+    for problem in problems():
+        key = (problem.kind if problem.kind != "?" else "unknown", problem.namespace or "")
+        invalid[key] = invalid.get(key, 0) + 1
+    report.invalid_objects = invalid
+    return report
 
 
 class TrafficTotals:

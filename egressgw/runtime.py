@@ -286,46 +286,15 @@ class Daemon:
 
     def gateway_report(self) -> metrics.GatewayReport:
         """The kernel-derived metrics, read at scrape time (see ``metrics.GatewayCollector``)."""
-        plan, snapshot = self.last_plan, self.last_snapshot
-        report = metrics.GatewayReport(node=self.node)
-        if plan is None or snapshot is None:
-            return report
-        namespace_of = {i: c.rsplit("/", 1)[0] for i, c in plan.desired.identities.items()}
-        namespace_of.update({i: s.pod.namespace for i, s in plan.selections.items()})
-        learned: dict[str, int] = dict.fromkeys(sorted(set(namespace_of.values())), 0)
-        for identity, count in self.datapath.learned_by_identity().items():
-            namespace = namespace_of.get(identity)
-            if namespace is not None:
-                learned[namespace] += count
-        report.learned_elements = learned
-        if self.adopted:
-            report.traffic = {
-                identity: (
-                    namespace_of[identity],
-                    metrics.TrafficSample(
-                        t.accepted_packets, t.accepted_bytes, t.rejected_packets, t.rejected_bytes
-                    ),
-                )
-                for identity, t in self.datapath.counters().items()
-                if identity in namespace_of
-            }
-        held = self.held
-        report.egress_ips = [
-            metrics.EgressIPState(g.name, str(a), a in held)
-            for g in snapshot.gateways
-            for a in g.egress_ips
-        ]
-        policies: dict[tuple[str, str], int] = {}
-        for policy in snapshot.policies:
-            key = (policy.namespace, str(policy.mode))
-            policies[key] = policies.get(key, 0) + 1
-        report.policies = policies
-        invalid: dict[tuple[str, str], int] = {}
-        for problem in self.source.problems():
-            key = (problem.kind if problem.kind != "?" else "unknown", problem.namespace or "")
-            invalid[key] = invalid.get(key, 0) + 1
-        report.invalid_objects = invalid
-        return report
+        return metrics.gateway_report(
+            self.node,
+            self.last_plan,
+            self.last_snapshot,
+            frozenset(self.held),
+            self.source.problems,
+            self.datapath.learned_by_identity,
+            self.datapath.counters if self.adopted else None,
+        )
 
     # -- work ---------------------------------------------------------------------------------
     def adopt(self) -> None:

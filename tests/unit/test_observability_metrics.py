@@ -207,3 +207,37 @@ def test_frozen_objects_are_counted_when_scraped() -> None:
     finally:
         gc.unfreeze()
     assert REGISTRY.get_sample_value("egressgw_gc_frozen_objects") == 0
+
+
+def test_a_scrape_reports_the_datapaths_figures_per_namespace_of_the_plan() -> None:
+    from egressgw.datapath.kernel import Traffic
+    from egressgw.identity import IdentityRegistry
+    from egressgw.plan import build
+    from egressgw.policy.load import Problem
+    from tests.unit.test_dns_interceptor import DEFAULT_POLICIES, snapshot
+
+    state = snapshot(*DEFAULT_POLICIES)
+    plan = build(state, IdentityRegistry())
+    api, etl = plan.desired.workloads[API], plan.desired.workloads[ETL]
+    held = frozenset({ipaddress.ip_address("198.51.100.10")})
+    problems = [Problem("bad.yaml", "EgressPolicy", "payments", "x", "spec", "no rules")]
+    report = metrics.gateway_report(
+        "gw-a",
+        plan,
+        state,
+        held,
+        lambda: problems,
+        lambda: {api: 3, etl: 1, 999: 7},  # 999: an identity the plan no longer has
+        lambda: {api: Traffic(10, 1000, 2, 120), 999: Traffic(5, 5, 5, 5)},
+    )
+    assert report.learned_elements == {"analytics": 1, "payments": 3}
+    assert report.traffic == {api: ("payments", metrics.TrafficSample(10, 1000, 2, 120))}
+    assert sorted((e.gateway, e.address, e.held) for e in report.egress_ips) == [
+        ("analytics", "198.51.100.20", False),
+        ("payments", "198.51.100.10", True),
+    ]
+    assert report.invalid_objects == {("EgressPolicy", "payments"): 1}
+    # before anything is adopted the kernel's counters are not read; before a plan, nothing
+    unadopted = metrics.gateway_report("gw-a", plan, state, held, list, dict, None)
+    assert unadopted.traffic == {}
+    assert metrics.gateway_report("gw-a", None, None, held, list, dict, None).policies == {}
