@@ -7,6 +7,7 @@ The watch, status and Lease code paths of the real client run here (list, watch 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import threading
 import time
@@ -92,8 +93,14 @@ class Follower:
 
     def close(self) -> None:
         self.source.stop()  # the watch threads end at their next wake-up
-        if self.task is not None:
-            self.loop.call_soon_threadsafe(self.task.cancel)
+
+        async def finish() -> None:  # the task ends before its loop stops
+            if self.task is not None:
+                self.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self.task
+
+        asyncio.run_coroutine_threadsafe(finish(), self.loop).result(timeout=5)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=5)
 
