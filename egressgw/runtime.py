@@ -156,9 +156,11 @@ _BIND_REASONS = {
 }
 
 
-def bind_problem(flag: str, host: str, port: int, exc: OSError) -> StartupError:
+def bind_problem(flag: str, addresses: Sequence[tuple[str, int]], exc: OSError) -> StartupError:
+    """One line for ``flag``'s addresses that could not be bound."""
     reason = _BIND_REASONS.get(exc.errno or 0) or (exc.strerror or str(exc)).lower()
-    return StartupError(f"{flag} {listen_label(host, port)}: {reason}")
+    where = ", ".join(listen_label(host, port) for host, port in addresses)
+    return StartupError(f"{flag} {where}: {reason}")
 
 
 def probe_dns_listen(addresses: Sequence[tuple[str, int]]) -> None:
@@ -174,7 +176,7 @@ def probe_dns_listen(addresses: Sequence[tuple[str, int]]) -> None:
                     tcp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 tcp.bind((host, port))
         except OSError as exc:
-            raise bind_problem("--dns-listen", host, port, exc) from None
+            raise bind_problem("--dns-listen", [(host, port)], exc) from None
 
 
 def adopt_problem(settings: Settings, exc: Exception) -> StartupError:
@@ -500,7 +502,7 @@ class Daemon:
         try:
             runner = await serve(self.web_app(), host, port)
         except OSError as exc:
-            raise bind_problem("--http-listen", host, port, exc) from None
+            raise bind_problem("--http-listen", [(host, port)], exc) from None
         log.info("serving health, metrics and the operator API on %s", listen_label(host, port))
         return runner
 
@@ -524,9 +526,7 @@ class Daemon:
         try:
             await self._dns.start()
         except OSError as exc:  # taken since the probe
-            listen = ", ".join(listen_label(h, p) for h, p in self.settings.dns_listen)
-            reason = _BIND_REASONS.get(exc.errno or 0) or str(exc.strerror or exc)
-            raise StartupError(f"--dns-listen {listen}: {reason}") from None
+            raise bind_problem("--dns-listen", self.settings.dns_listen, exc) from None
 
     async def run(self) -> int:
         """Serve until SIGTERM/SIGINT; ``StartupError`` if it cannot start."""

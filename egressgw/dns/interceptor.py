@@ -335,10 +335,11 @@ class Interceptor:
 
     def remembered(self) -> dict[str, int]:
         """How many entries each memory holds (``metrics.REMEMBERED_KINDS``)."""
+        replies, programmed = self.memo.sizes()
         return {
             "answers": len(self.cache),
-            "replies": self.memo.sizes()[0],
-            "programmed": self.memo.sizes()[1],
+            "replies": replies,
+            "programmed": programmed,
             "learned": sum(map(len, self._budget.known.values())),
             "sources": self._limiter.tracked,
             "decisions": self.view.names.remembered,
