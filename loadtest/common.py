@@ -74,6 +74,17 @@ def verdict(ok: bool | None) -> str:
     return "" if ok is None else "met" if ok else "MISSED"
 
 
+def notes_section(notes: Sequence[str]) -> list[str]:
+    """The report's closing notes, if any."""
+    return ["", "notes:", *(f"  {n}" for n in notes)] if notes else []
+
+
+def commits_measured(machine: dict[str, Any]) -> list[str]:
+    """The egressgw commit at the start and at the end of a run, as far as recorded."""
+    return [f"egressgw at the {when}: {describe_git(machine[when])}"
+            for when in ("start", "end") if when in machine]  # fmt: skip
+
+
 # -- processes -----------------------------------------------------------------------------------
 def run(argv: Sequence[str], timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(argv), check=True, capture_output=True, text=True, timeout=timeout)

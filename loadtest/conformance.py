@@ -41,12 +41,13 @@ from loadtest.common import (
     Net,
     Proc,
     addresses,
-    describe_git,
+    commits_measured,
     dns_net,
     dnsmasq_argv,
     finish,
     git_state,
     in_ns,
+    notes_section,
     parser,
     preflight,
     progress,
@@ -390,11 +391,7 @@ def render(results: Results, tests: dict[str, Test]) -> str:
                    f"{run.count('upstream'):>3}/{len(run.rows)}, interceptor "
                    f"{run.count('interceptor'):>3}/{len(run.rows)}, interceptor worse on "
                    f"{len(run.worse)}{alone}")  # fmt: skip
-    for when in ("start", "end"):
-        if when in results.machine:
-            out.append(f"egressgw at the {when}: {describe_git(results.machine[when])}")
-    if results.notes:
-        out += ["", "notes:"] + [f"  {n}" for n in results.notes]
+    out += commits_measured(results.machine) + notes_section(results.notes)
     return "\n".join(out)
 
 

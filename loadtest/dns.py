@@ -63,6 +63,7 @@ from loadtest.common import (
     git_state,
     in_ns,
     median,
+    notes_section,
     parse_dnsperf,
     parser,
     preflight,
@@ -602,8 +603,7 @@ def render(results: Results) -> str:
             f"CPUs {m['busy_before_pct']}% busy in the 2 s before the run, "
             f"{m.get('busy_during_pct')}% during; daemon (re)starts: {results.daemon_start_s} s; "
             f"whole run {m.get('duration_s')} s"]  # fmt: skip
-    if results.notes:
-        out += ["", "notes:"] + [f"  {n}" for n in results.notes]
+    out += notes_section(results.notes)
     return "\n".join(out)
 
 

@@ -51,7 +51,7 @@ from loadtest.common import (
     addresses,
     bench_manifests,
     cached_names,
-    describe_git,
+    commits_measured,
     dns_net,
     dnsmasq_argv,
     finish,
@@ -59,6 +59,7 @@ from loadtest.common import (
     http_get,
     in_ns,
     median,
+    notes_section,
     parser,
     preflight,
     process_cpu_s,
@@ -933,11 +934,7 @@ def render(results: Results) -> str:
         f"  RSS after the settle within {RSS_TARGET - 1:.0%} of the start: {ratio:.2f}x, "
         + verdict(0 < ratio <= RSS_TARGET),
     ]  # fmt: skip
-    for when in ("start", "end"):
-        if when in results.machine:
-            out.append(f"egressgw at the {when}: {describe_git(results.machine[when])}")
-    if results.notes:
-        out += ["", "notes:"] + [f"  {n}" for n in results.notes]
+    out += commits_measured(results.machine) + notes_section(results.notes)
     return "\n".join(out)
 
 

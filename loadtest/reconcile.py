@@ -50,6 +50,7 @@ from loadtest.common import (
     git_state,
     in_ns,
     median,
+    notes_section,
     parse_dnsperf,
     parser,
     percentile,
@@ -749,8 +750,7 @@ def render(results: Results) -> str:
             if t["inclusive"]:
                 inc = ", ".join(f"{f} {share:.0%}" for f, share in t["inclusive"][:6])
                 out.append(f"    inclusive (egressgw): {inc}")
-    if results.notes:
-        out += ["", "notes:"] + [f"  {n}" for n in results.notes]
+    out += notes_section(results.notes)
     return "\n".join(out)
 
 
