@@ -23,7 +23,6 @@ from typing import TextIO
 FORMATS = ("text", "json")
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-DNS_LOGGER = "egressgw.dns"
 DECISION_EVENT = "dns decision"
 # The fields of a decision line in the order they are written; ``reason`` is always quoted.
 DECISION_KEYS = ("identity", "name", "type", "verdict", "reason", "rule", "addresses")

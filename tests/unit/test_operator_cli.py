@@ -64,7 +64,6 @@ def _logging_as_before() -> Iterator[None]:
     """``main`` configures logging for the whole process: put it back afterwards."""
     yield
     logs.configure("INFO", "text")
-    logging.getLogger(logs.DNS_LOGGER).setLevel(logging.NOTSET)
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
