@@ -16,7 +16,6 @@ NXDOMAIN is served to its own asker only. A negative answer is kept no longer th
 from __future__ import annotations
 
 import heapq
-import ipaddress
 import struct
 from dataclasses import dataclass
 
@@ -41,8 +40,8 @@ from egressgw.dns.wire import (
     read_name,
     records,
 )
+from egressgw.identity import IPAddress
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _TTL = struct.Struct("!I")
 _COUNTS = struct.Struct("!HHHH")
 TYPE_SOA = 6

@@ -39,7 +39,6 @@ busy datapath only as long as its programming bound (then SERVFAIL).
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import time
 from collections import deque
@@ -80,7 +79,6 @@ if TYPE_CHECKING:
     from egressgw.contracts import Programmer, Upstream
 
 log = logging.getLogger("egressgw.dns")
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Clock = Callable[[], float]
 CAP_LOG_INTERVAL_S = 60.0
 DROP = b""  # ``ready``'s answer for a query that gets no reply
