@@ -92,6 +92,26 @@ class Pod:
     name: str
     labels: Mapping[str, str] = field(default_factory=dict)
     ips: tuple[IPAddress, ...] = ()
+    node_name: str = ""  # spec.nodeName; empty: not scheduled (or not known)
+
+
+@dataclass(frozen=True)
+class Node:
+    """A cluster node: its labels (for ``nodeSelector``) and its InternalIP addresses, which
+    carry the tunnel between worker and gateway nodes."""
+
+    name: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    addresses: tuple[IPAddress, ...] = ()  # status.addresses of type InternalIP, in order
+
+    @property
+    def tunnel_address(self) -> IPAddress | None:
+        """The address the tunnel reaches this node at: its first IPv4 InternalIP, else its
+        first IPv6 one."""
+        for address in self.addresses:
+            if address.version == 4:
+                return address
+        return self.addresses[0] if self.addresses else None
 
 
 @dataclass(frozen=True)
@@ -171,3 +191,4 @@ class Snapshot:
     pods: tuple[Pod, ...] = ()
     gateways: tuple[EgressGateway, ...] = ()
     policies: tuple[EgressPolicy, ...] = ()
+    nodes: tuple[Node, ...] = ()
