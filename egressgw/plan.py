@@ -94,14 +94,15 @@ def build(snapshot: Snapshot, registry: IdentityRegistry, held: HeldBy = hold_ev
     return plan
 
 
-def _egress_ips(
-    snapshot: Snapshot, held: HeldBy, desired: DesiredState, notes: list[str]
-) -> dict[str, dict[int, IPAddress]]:
-    """Per gateway, the egress IP of each family its traffic is SNATed to on this node."""
-    snat_of: dict[str, dict[int, IPAddress]] = {}
+def owned_egress_ips(
+    gateways: Iterable[EgressGateway], notes: list[str]
+) -> list[tuple[EgressGateway, tuple[IPAddress, ...]]]:
+    """Each gateway, sorted by name, with its egress IPs in order, less those that a gateway
+    whose name sorts first already lists (a note for each of those)."""
+    owned: list[tuple[EgressGateway, tuple[IPAddress, ...]]] = []
     owner_of_ip: dict[IPAddress, str] = {}
-    for gateway in sorted(snapshot.gateways, key=lambda g: g.name):
-        chosen: dict[int, IPAddress] = {}
+    for gateway in sorted(gateways, key=lambda g: g.name):
+        kept: list[IPAddress] = []
         for address in gateway.egress_ips:
             owner = owner_of_ip.setdefault(address, gateway.name)
             if owner != gateway.name:
@@ -110,6 +111,19 @@ def _egress_ips(
                     f"EgressGateway {owner}; ignored"
                 )
                 continue
+            kept.append(address)
+        owned.append((gateway, tuple(kept)))
+    return owned
+
+
+def _egress_ips(
+    snapshot: Snapshot, held: HeldBy, desired: DesiredState, notes: list[str]
+) -> dict[str, dict[int, IPAddress]]:
+    """Per gateway, the egress IP of each family its traffic is SNATed to on this node."""
+    snat_of: dict[str, dict[int, IPAddress]] = {}
+    for gateway, egress_ips in owned_egress_ips(snapshot.gateways, notes):
+        chosen: dict[int, IPAddress] = {}
+        for address in egress_ips:
             if held(gateway, address):
                 desired.egress_ips.add(address)
                 chosen.setdefault(address.version, address)

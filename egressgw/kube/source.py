@@ -3,7 +3,9 @@
 In: Namespaces, Pods, EgressGateways, EgressPolicies and this node's Node, each followed by a
 ``Reflector`` thread. Out: a whole Snapshot whenever what the planner sees changes (a status
 write or a Pod's unrelated field does not count), the problems of invalid objects, and this
-node's labels (for the Lease ownership's nodeSelector check).
+node's labels (for the Lease ownership's nodeSelector check). The Snapshot's ``nodes`` hold this
+node's Node (labels and InternalIP addresses) once it is seen, and each Pod its
+``spec.nodeName``.
 
 Rules:
 - nothing is yielded before every kind has been listed once: a half-read cluster would look like
@@ -33,7 +35,7 @@ from egressgw.policy.model import API_VERSION, Snapshot
 log = logging.getLogger(__name__)
 Parsed = tuple[KubeObject | None, tuple[Problem, ...]]
 DEBOUNCE_S = 0.05  # coalesce a burst of events (a relist, a rollout) into one apply
-SNAPSHOT_KINDS = ("Namespace", "Pod", "EgressGateway", "EgressPolicy")
+SNAPSHOT_KINDS = ("Namespace", "Pod", "EgressGateway", "EgressPolicy", "Node")
 
 
 def workload_pod(pod: Mapping[str, Any]) -> Obj | None:
@@ -46,7 +48,7 @@ def workload_pod(pod: Mapping[str, Any]) -> Obj | None:
     if not ips:
         return None
     meta = pod.get("metadata") or {}
-    return {
+    readable: Obj = {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {
@@ -56,12 +58,31 @@ def workload_pod(pod: Mapping[str, Any]) -> Obj | None:
         },
         "status": {"podIPs": ips},
     }
+    if spec.get("nodeName"):
+        readable["spec"] = {"nodeName": spec["nodeName"]}
+    return readable
+
+
+def readable_node(node: Mapping[str, Any]) -> Obj:
+    """The fields egressgw reads of a Node: name, labels and ``status.addresses``."""
+    meta = node.get("metadata") or {}
+    readable: Obj = {
+        "apiVersion": node.get("apiVersion"),
+        "kind": node.get("kind"),
+        "metadata": {"name": meta.get("name"), "labels": meta.get("labels") or {}},
+    }
+    addresses = (node.get("status") or {}).get("addresses")
+    if addresses:
+        readable["status"] = {"addresses": addresses}
+    return readable
 
 
 def _readable(kind: str, obj: Obj) -> Obj | None:
     """What ``parse_object`` is given: only the fields it reads (metadata trimmed)."""
     if kind == "Pod":
         return workload_pod(obj)
+    if kind == "Node":
+        return readable_node(obj)
     meta = obj.get("metadata") or {}
     trimmed: Obj = {
         "apiVersion": obj.get("apiVersion"),
@@ -180,8 +201,7 @@ class KubeSource:
             else:
                 raw[key] = obj
         if kind == "Node":
-            self._dirty = True  # the ownership reads the labels; cheap, and nodes rarely change
-            return
+            self._dirty = True  # the ownership reads the raw labels; cheap, nodes rarely change
         parsed = self._parse(kind, obj) if obj is not None else None
         table = self._parsed[kind]
         if table.get(key) != parsed:

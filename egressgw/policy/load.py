@@ -9,8 +9,9 @@ An object with any problem is left out of the snapshot; the caller decides what 
 
 Choices worth knowing:
 
-- kinds other than EgressGateway, EgressPolicy, Namespace and Pod are reported as unsupported
-  (CustomResourceDefinitions too), so running ``policy check`` on the wrong directory is obvious;
+- kinds other than EgressGateway, EgressPolicy, Namespace, Pod and Node are reported as
+  unsupported (CustomResourceDefinitions too), so running ``policy check`` on the wrong directory
+  is obvious;
 - in directories, ``*.yaml`` and ``*.yml`` are read recursively in sorted order, skipping names
   that start with "." (editor temporary files, a ConfigMap mount's ``..data`` and generations);
   a ConfigMap mount is read through its visible names, all in one generation, and a file reached
@@ -19,6 +20,10 @@ Choices worth knowing:
 - a Pod without ``metadata.namespace`` is in "default", as with kubectl; an EgressPolicy must name
   its namespace, so a policy never lands in a namespace by accident;
 - a Namespace gets the ``kubernetes.io/metadata.name`` label, as the API server sets it;
+- of a Pod, ``spec.nodeName`` is read too (empty or absent: not scheduled); of a Node, its labels
+  and the addresses of type InternalIP in ``status.addresses``, in order (other types are
+  ignored, a repeated address is kept once, and an address that cannot carry the tunnel between
+  nodes, such as 127.0.0.1, is a problem);
 - an object defined twice keeps its first copy (in sorted file order); the later one is a problem;
 - an egress IP listed by two EgressGateways stays with the gateway whose name sorts first.
 """
@@ -48,6 +53,7 @@ from egressgw.policy.model import (
     LabelSelector,
     Mode,
     Namespace,
+    Node,
     Peer,
     Pod,
     PortSpec,
@@ -64,7 +70,7 @@ except ImportError:  # pragma: no cover - PyYAML without libyaml
     from yaml import SafeLoader as _BaseLoader  # type: ignore[assignment]
 
 _T = TypeVar("_T")
-KubeObject = Namespace | Pod | EgressGateway | EgressPolicy
+KubeObject = Namespace | Pod | Node | EgressGateway | EgressPolicy
 API_SOURCE = "<api>"
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
 
@@ -74,7 +80,9 @@ KINDS: dict[str, tuple[str, bool]] = {
     "EgressPolicy": (API_VERSION, True),
     "Namespace": ("v1", False),
     "Pod": ("v1", True),
+    "Node": ("v1", False),
 }
+NODE_ADDRESS_TYPE = "InternalIP"  # the status.addresses entries a Node is reached at
 
 _DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
 _DNS_LABEL_RE = re.compile(rf"^{_DNS_LABEL}$")
@@ -342,6 +350,15 @@ def _namespace(obj: _Object, doc: Mapping[str, Any]) -> Namespace:
     return Namespace(obj.name, labels)
 
 
+def _node_name(obj: _Object, where: str, name: str) -> None:
+    if len(name) > 253 or not _DNS_SUBDOMAIN_RE.match(name):
+        obj.problem(
+            where,
+            f"invalid node name {fqdn.quoted(name)}: use the name of a Node, lower-case letters,"
+            " digits, '-' and '.' (at most 253), starting and ending with a letter or digit",
+        )
+
+
 def _pod(obj: _Object, doc: Mapping[str, Any]) -> Pod:
     labels = _labels(obj, "metadata.labels", doc["metadata"].get("labels"))
     ips: list[IPAddress] = []
@@ -349,8 +366,37 @@ def _pod(obj: _Object, doc: Mapping[str, Any]) -> Pod:
         address = _ip(obj, f"status.podIPs[{index}].ip", entry["ip"])
         if address is not None and address not in ips:
             ips.append(address)
+    node_name: str = (doc.get("spec") or {}).get("nodeName") or ""
+    if node_name:
+        _node_name(obj, "spec.nodeName", node_name)
     assert obj.namespace is not None
-    return Pod(obj.namespace, obj.name, labels, tuple(ips))
+    return Pod(obj.namespace, obj.name, labels, tuple(ips), node_name)
+
+
+def _node(obj: _Object, doc: Mapping[str, Any]) -> Node:
+    labels = _labels(obj, "metadata.labels", doc["metadata"].get("labels"))
+    addresses: list[IPAddress] = []
+    for index, entry in enumerate((doc.get("status") or {}).get("addresses") or ()):
+        if entry["type"] != NODE_ADDRESS_TYPE:
+            continue
+        where = f"status.addresses[{index}].address"
+        address = _ip(obj, where, entry["address"])
+        if address is None:
+            continue
+        if (
+            address.is_unspecified
+            or address.is_multicast
+            or address.is_loopback
+            or address.is_link_local
+        ):
+            obj.problem(
+                where,
+                f"{address} cannot carry the tunnel between nodes: use the address other nodes"
+                " reach this node at",
+            )
+        elif address not in addresses:
+            addresses.append(address)
+    return Node(obj.name, labels, tuple(addresses))
 
 
 _BUILDERS: dict[str, Callable[[_Object, Mapping[str, Any]], KubeObject]] = {
@@ -358,6 +404,7 @@ _BUILDERS: dict[str, Callable[[_Object, Mapping[str, Any]], KubeObject]] = {
     "EgressPolicy": _policy,
     "Namespace": _namespace,
     "Pod": _pod,
+    "Node": _node,
 }
 
 
@@ -387,8 +434,8 @@ def _check_envelope(obj: _Object, doc: Mapping[str, Any]) -> None:
         obj.problem(
             "kind",
             f'unsupported kind "{obj.kind}": egressgw reads EgressGateway and EgressPolicy'
-            f" ({API_VERSION}), Namespace and Pod (v1); keep other manifests out of the paths"
-            " it reads",
+            f" ({API_VERSION}), Namespace, Pod and Node (v1); keep other manifests out of the"
+            " paths it reads",
         )
         return
     api_version, namespaced = KINDS[obj.kind]
@@ -515,6 +562,7 @@ def build_snapshot(objects: Iterable[tuple[str, KubeObject]]) -> tuple[Snapshot,
         pods=tuple(sorted(_of(kept, Pod), key=lambda p: (p.namespace, p.name))),
         gateways=tuple(gateways),
         policies=tuple(sorted(_of(kept, EgressPolicy), key=lambda p: (p.namespace, p.name))),
+        nodes=tuple(sorted(_of(kept, Node), key=lambda n: n.name)),
     )
     return snapshot, problems
 

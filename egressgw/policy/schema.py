@@ -60,12 +60,17 @@ _METADATA: dict[str, Any] = {
     },
 }
 
-# Namespace and Pod: only the fields egressgw reads; everything else is allowed and ignored.
+# Namespace, Pod and Node: only the fields egressgw reads; everything else is allowed and
+# ignored.
 _CORE_SCHEMAS: dict[str, dict[str, Any]] = {
     "Namespace": {"type": "object", "properties": {}},
     "Pod": {
         "type": "object",
         "properties": {
+            "spec": {
+                "type": ["object", "null"],
+                "properties": {"nodeName": {"type": "string"}},
+            },
             "status": {
                 "type": "object",
                 "properties": {
@@ -75,6 +80,27 @@ _CORE_SCHEMAS: dict[str, dict[str, Any]] = {
                             "type": "object",
                             "required": ["ip"],
                             "properties": {"ip": {"type": "string"}},
+                        },
+                    }
+                },
+            },
+        },
+    },
+    "Node": {
+        "type": "object",
+        "properties": {
+            "status": {
+                "type": "object",
+                "properties": {
+                    "addresses": {
+                        "type": ["array", "null"],
+                        "items": {
+                            "type": "object",
+                            "required": ["type", "address"],
+                            "properties": {
+                                "type": {"type": "string"},
+                                "address": {"type": "string"},
+                            },
                         },
                     }
                 },

@@ -24,6 +24,7 @@ from egressgw.policy.model import (
     LabelSelector,
     Mode,
     Namespace,
+    Node,
     Peer,
     Pod,
     PortSpec,
@@ -227,6 +228,162 @@ def test_namespace_and_pod() -> None:
     assert parse_object(pending, source="<api>") == (Pod("x", "p"), [])
 
 
+def node(*addresses: dict[str, Any], **metadata: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": "worker-1", **metadata},
+        "status": {"addresses": list(addresses)},
+    }
+
+
+def test_a_pod_is_on_the_node_its_spec_names() -> None:
+    doc = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "api-0", "namespace": "payments"},
+        "spec": {"nodeName": "worker-1", "containers": [{"name": "x", "image": "ignored"}]},
+        "status": {"podIPs": [{"ip": "192.0.2.10"}]},
+    }
+    assert parse_object(doc, source="<api>") == (
+        Pod("payments", "api-0", {}, (ipaddress.ip_address("192.0.2.10"),), "worker-1"),
+        [],
+    )
+    for spec in ({}, {"nodeName": ""}, None):
+        unscheduled, problems = parse_object({**doc, "spec": spec}, source="<api>")
+        assert problems == []
+        assert isinstance(unscheduled, Pod) and unscheduled.node_name == ""
+
+
+def test_a_node_keeps_its_labels_and_internal_ips_in_order() -> None:
+    doc = node(
+        {"type": "Hostname", "address": "worker-1"},
+        {"type": "ExternalIP", "address": "203.0.113.1"},
+        {"type": "InternalIP", "address": "2001:db8::11"},
+        {"type": "InternalIP", "address": "192.0.2.11"},
+        {"type": "InternalIP", "address": "192.0.2.11"},
+        labels={"egressgw.io/gateway": "true", "node-role.kubernetes.io/worker": ""},
+    )
+    doc["spec"] = {"podCIDR": "10.244.1.0/24", "taints": []}
+    obj, problems = parse_object(doc, source="<api>")
+    assert problems == []
+    assert obj == Node(
+        "worker-1",
+        {"egressgw.io/gateway": "true", "node-role.kubernetes.io/worker": ""},
+        (ipaddress.ip_address("2001:db8::11"), ipaddress.ip_address("192.0.2.11")),
+    )
+    assert isinstance(obj, Node) and obj.tunnel_address == ipaddress.ip_address("192.0.2.11")
+
+
+def test_a_node_without_status_has_no_address() -> None:
+    doc = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "worker-1"}}
+    assert parse_object(doc, source="<api>") == (Node("worker-1"), [])
+    doc["status"] = {"addresses": None}
+    assert parse_object(doc, source="<api>") == (Node("worker-1"), [])
+
+
+@pytest.mark.parametrize(
+    ("doc", "expected"),
+    [
+        (
+            node({"type": "InternalIP", "address": "192.0.2.300"}),
+            '<api>: Node/worker-1: status.addresses[0].address: "192.0.2.300" is not an IP'
+            " address: write one IPv4 or IPv6 address, e.g. 198.51.100.10 or 2001:db8::10 (no"
+            " prefix length)",
+        ),
+        (
+            node({"type": "Hostname", "address": "w"}, {"type": "InternalIP", "address": "::1"}),
+            "<api>: Node/worker-1: status.addresses[1].address: ::1 cannot carry the tunnel"
+            " between nodes: use the address other nodes reach this node at",
+        ),
+        (
+            node({"type": "InternalIP"}),
+            "<api>: Node/worker-1: status.addresses[0].address: required field is missing: add it",
+        ),
+        (
+            node({"type": "InternalIP", "address": 3232235777}),
+            "<api>: Node/worker-1: status.addresses[0].address: expected a string, got an"
+            ' integer: put the value in quotes, e.g. "3232235777"',
+        ),
+        (
+            {**node(), "status": None},
+            "<api>: Node/worker-1: status: expected a mapping, got null",
+        ),
+        (
+            node(name="Worker_1"),
+            '<api>: Node/Worker_1: metadata.name: invalid name "Worker_1": use lower-case letters,'
+            " digits, '-' and '.' (at most 253), starting and ending with a letter or digit",
+        ),
+        (
+            node(namespace="default"),
+            "<api>: Node/worker-1: metadata.namespace: Node is cluster-scoped: remove"
+            " metadata.namespace",
+        ),
+        (
+            node(labels={"zone": "a b"}),
+            '<api>: Node/worker-1: metadata.labels.zone: invalid label value "a b": use at most 63'
+            " letters, digits, '-', '_' or '.', starting and ending with a letter or digit (or an"
+            " empty value)",
+        ),
+        (
+            {**node(), "apiVersion": "v2"},
+            '<api>: Node/worker-1: apiVersion: apiVersion "v2" is not supported: use apiVersion:'
+            " v1",
+        ),
+        (
+            {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {"nodeName": 7}},
+            "<api>: Pod/default/p: spec.nodeName: expected a string, got an integer: put the"
+            ' value in quotes, e.g. "7"',
+        ),
+        (
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": "p"},
+                "spec": {"nodeName": "Worker 1"},
+            },
+            '<api>: Pod/default/p: spec.nodeName: invalid node name "Worker 1": use the name of a'
+            " Node, lower-case letters, digits, '-' and '.' (at most 253), starting and ending"
+            " with a letter or digit",
+        ),
+    ],
+)
+def test_node_problem_messages(doc: dict[str, Any], expected: str) -> None:
+    assert messages(doc) == [expected]
+
+
+def test_nodes_are_sorted_and_a_duplicate_is_a_problem_that_keeps_the_rest(
+    tmp_path: Path,
+) -> None:
+    internal = "status: {addresses: [{type: InternalIP, address: %s}]}\n"
+    node_doc = "apiVersion: v1\nkind: Node\nmetadata: {name: %s}\n" + internal
+    write(
+        tmp_path / "a.yaml",
+        node_doc % ("worker-2", "192.0.2.12")
+        + "---\n"
+        + node_doc % ("worker-1", "192.0.2.11")
+        + "---\n"
+        + node_doc % ("worker-3", "192.0.2.1300")
+        + "---\n"
+        + NAMESPACE_DOC % "payments",
+    )
+    write(tmp_path / "b.yaml", node_doc % ("worker-1", "192.0.2.99"))
+    result = load_paths([tmp_path])
+    assert [str(p) for p in result.problems] == [
+        f'{tmp_path / "a.yaml"}: Node/worker-3: status.addresses[0].address: "192.0.2.1300" is'
+        " not an IP address: write one IPv4 or IPv6 address, e.g. 198.51.100.10 or"
+        " 2001:db8::10 (no prefix length)",
+        f"{tmp_path / 'b.yaml'}: Node/worker-1: already defined in {tmp_path / 'a.yaml'}:"
+        " define each object once; this copy is ignored",
+    ]
+    assert result.snapshot.nodes == (
+        Node("worker-1", {}, (ipaddress.ip_address("192.0.2.11"),)),
+        Node("worker-2", {}, (ipaddress.ip_address("192.0.2.12"),)),
+    )
+    assert list(result.snapshot.namespaces) == ["payments"]
+    assert result.files == {str(tmp_path / "a.yaml"): 3, str(tmp_path / "b.yaml"): 0}
+
+
 @pytest.mark.parametrize(
     ("doc", "expected"),
     [
@@ -321,7 +478,7 @@ def test_namespace_and_pod() -> None:
         (
             {"apiVersion": "v1", "metadata": {"name": "x"}},
             "<api>: ?/x: kind: kind is missing: set it to one of EgressGateway, EgressPolicy,"
-            " Namespace, Pod",
+            " Namespace, Pod, Node",
         ),
         (
             {"apiVersion": "v1", "kind": "Namespace", "metadata": {}},
