@@ -457,7 +457,11 @@ class TcpFuzz:
             if not await self.send(kind, writer, data):
                 return
             if expect is None and writer.can_write_eof():
-                writer.write_eof()  # all sent: the gateway sees the end of the stream
+                try:
+                    writer.write_eof()  # all sent: the gateway sees the end of the stream
+                except OSError:  # the gateway closed it first
+                    self.count(kind, "reset by the gateway")
+                    return
             await self.replies(kind, reader, expect)
         finally:
             writer.transport.abort()
