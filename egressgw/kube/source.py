@@ -1,11 +1,10 @@
 """The API server as the daemon's source of desired state.
 
-In: Namespaces, Pods, EgressGateways, EgressPolicies and this node's Node, each followed by a
+In: Namespaces, Pods, EgressGateways, EgressPolicies and Nodes, each followed by a
 ``Reflector`` thread. Out: a whole Snapshot whenever what the planner sees changes (a status
 write or a Pod's unrelated field does not count), the problems of invalid objects, and this
-node's labels (for the Lease ownership's nodeSelector check). The Snapshot's ``nodes`` hold this
-node's Node (labels and InternalIP addresses) once it is seen, and each Pod its
-``spec.nodeName``.
+node's labels (for the Lease ownership's nodeSelector check). The Snapshot's ``nodes`` hold every
+Node's labels and InternalIP addresses (the tunnel's peers), and each Pod its ``spec.nodeName``.
 
 Rules:
 - nothing is yielded before every kind has been listed once: a half-read cluster would look like
@@ -149,7 +148,9 @@ class KubeSource:
                     custom.list_cluster_custom_object, GROUP, VERSION, "egresspolicies"
                 ),
             ),
-            reflector("Node", "v1", core.list_node, field_selector=f"metadata.name={node_name}"),
+            # every Node: the tunnel reaches worker nodes at their InternalIPs; a Node's
+            # heartbeats change neither its labels nor its addresses, so they plan nothing
+            reflector("Node", "v1", core.list_node),
         ]
 
     # -- what others read ---------------------------------------------------------------------
@@ -164,7 +165,7 @@ class KubeSource:
             return self._raw.get(kind, {}).get((namespace, name))
 
     def raw_all(self, kind: str) -> list[Obj]:
-        """Every EgressGateway or EgressPolicy (or Node) as last seen from the API."""
+        """Every EgressGateway or EgressPolicy (or this node's Node) as last seen from the API."""
         with self._lock:
             return list(self._raw.get(kind, {}).values())
 
@@ -194,14 +195,12 @@ class KubeSource:
 
     def _store(self, kind: str, key: Key, obj: Obj | None) -> None:
         """Record one object (None: gone); marks the source dirty if the planner would notice."""
-        if kind in ("EgressGateway", "EgressPolicy", "Node"):
+        if kind in ("EgressGateway", "EgressPolicy") or key == ("", self.node_name):
             raw = self._raw.setdefault(kind, {})
             if obj is None:
                 raw.pop(key, None)
             else:
                 raw[key] = obj
-        if kind == "Node":
-            self._dirty = True  # the ownership reads the raw labels; cheap, nodes rarely change
         parsed = self._parse(kind, obj) if obj is not None else None
         table = self._parsed[kind]
         if table.get(key) != parsed:
