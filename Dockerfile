@@ -1,4 +1,6 @@
-# egressgw gateway image: `egressgw run --kubernetes` with nftables and iproute2 from Debian 12.
+# egressgw image, one for both programs (entrypoint `egressgw`; each DaemonSet passes its
+# command as args): `egressgw run --kubernetes` on the gateway nodes and `egressgw agent
+# --kubernetes` on the worker nodes, with nftables and iproute2 from Debian 12.
 # Build: docker build -t egressgw:0.1.0 .
 # Every version is pinned: the base image tag (pin its digest too where you build:
 # FROM python:3.11.7-slim-bookworm@sha256:<digest>), the Debian packages, and the whole Python
@@ -40,6 +42,8 @@ RUN pip install --no-cache-dir --no-index --find-links=/wheels egressgw==0.1.0 \
 # hadolint ignore=DL3002
 USER 0:0
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
-EXPOSE 9460
+# metrics and probes: 9460 the gateway (run), 9461 the agent
+EXPOSE 9460 9461
+# without args the image runs the gateway; the agent DaemonSet passes `agent ...`
 ENTRYPOINT ["egressgw"]
 CMD ["run", "--kubernetes", "--uplink", "eth0", "--http-listen", "0.0.0.0:9460"]

@@ -1,5 +1,5 @@
-"""The ``egressgw`` command: run the daemon, check policies, answer operators' questions, clean
-up a node, drive the lab."""
+"""The ``egressgw`` command: run the gateway daemon or the agent of a worker node, check
+policies, answer operators' questions, clean up a node, drive the lab."""
 
 from __future__ import annotations
 
@@ -11,12 +11,15 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from egressgw import __version__
 from egressgw.logs import FORMATS, LEVELS
 
 if TYPE_CHECKING:
+    from egressgw.agent import AgentSettings
+    from egressgw.datapath.tunnel import TunnelSettings
+    from egressgw.policy.model import IPAddress, IPNetwork
     from egressgw.runtime import Settings
 
 
@@ -59,6 +62,72 @@ def natural_int(text: str) -> int:
     return _whole_number(text, 0, "0 or more")
 
 
+def address(text: str) -> IPAddress:
+    """An IPv4 or IPv6 address."""
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address") from None
+
+
+def network(text: str) -> IPNetwork:
+    """A network with its prefix length and no host bits: ``192.0.2.0/24``."""
+    if "/" not in text:
+        raise argparse.ArgumentTypeError(
+            f"expected a network with its prefix length, such as 192.0.2.0/24, got {text!r}"
+        )
+    try:
+        return ipaddress.ip_network(text)
+    except ValueError:
+        pass
+    try:
+        loose = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a network such as 192.0.2.0/24, got {text!r}"
+        ) from None
+    raise argparse.ArgumentTypeError(f"{text!r} has host bits set: did you mean {loose}?")
+
+
+def port_number(text: str) -> int:
+    value = _whole_number(text, 1, "a port from 1 to 65535")
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {value}")
+    return value
+
+
+def vni(text: str) -> int:
+    """A VXLAN network identifier: 24 bits."""
+    value = _whole_number(text, 1, "a VNI from 1 to 16777215")
+    if value > 0xFFFFFF:
+        raise argparse.ArgumentTypeError(f"expected a VNI from 1 to 16777215, got {value}")
+    return value
+
+
+def interface_name(text: str) -> str:
+    """A Linux interface name: 1 to 15 bytes, no '/', ':' or white space, not '.' or '..'."""
+    if (
+        not 0 < len(text.encode()) < 16
+        or text in (".", "..")
+        or any(c in "/:" or c.isspace() for c in text)
+    ):
+        raise argparse.ArgumentTypeError(
+            f"invalid interface name {text!r}: 1 to 15 characters, no '/', ':' or spaces"
+        )
+    return text
+
+
+def domain(text: str) -> str:
+    """A DNS name (no wildcard, not the root), canonical: lower case, no trailing dot; every
+    name under it is included."""
+    from egressgw.policy.fqdn import InvalidName, canonical_name
+
+    try:
+        return canonical_name(text)
+    except InvalidName as exc:
+        raise argparse.ArgumentTypeError(f"invalid domain {text!r}: {exc}") from None
+
+
 TABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,31}$")
 
 
@@ -91,6 +160,45 @@ def add_logging_options(parser: argparse.ArgumentParser, top: bool) -> None:
         "json: one object per line (time, level, logger, message, decision fields) "
         "(default: text)",
     )
+
+
+def add_tunnel_options(parser: argparse.ArgumentParser, role: str) -> None:
+    """--tunnel-device, --tunnel-vni and --tunnel-port; every node of a cluster uses the same."""
+    from egressgw.datapath.tunnel import TunnelSettings
+
+    default = TunnelSettings()
+    tunnel = parser.add_argument_group(
+        "tunnel", f"egressgw's own VXLAN tunnel between worker and gateway nodes ({role})"
+    )
+    tunnel.add_argument(
+        "--tunnel-device",
+        type=interface_name,
+        default=default.device,
+        metavar="NAME",
+        help="name of the VXLAN interface on this node (default: %(default)s)",
+    )
+    tunnel.add_argument(
+        "--tunnel-vni",
+        type=vni,
+        default=default.vni,
+        metavar="VNI",
+        help="VXLAN network identifier, 1 to 16777215, the same on every node; Flannel uses 1, "
+        "Calico 4096 (default: %(default)s)",
+    )
+    tunnel.add_argument(
+        "--tunnel-port",
+        type=port_number,
+        default=default.port,
+        metavar="PORT",
+        help="UDP port the tunnel's packets use, the same on every node; Flannel and Cilium "
+        "use 8472, Calico 4789 (default: %(default)s)",
+    )
+
+
+def tunnel_of(args: argparse.Namespace) -> TunnelSettings:
+    from egressgw.datapath.tunnel import TunnelSettings
+
+    return TunnelSettings(device=args.tunnel_device, vni=args.tunnel_vni, port=args.tunnel_port)
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
@@ -138,7 +246,43 @@ def settings_of(args: argparse.Namespace) -> Settings:
         netlink_buffer_bytes=args.netlink_buffer_bytes,
         dns_tcp_per_source=args.dns_tcp_per_source,
         dns_tcp_pipeline=args.dns_tcp_pipeline,
+        tunnel=tunnel_of(args),
     )
+
+
+def agent_settings_of(args: argparse.Namespace) -> AgentSettings:
+    """The agent's Settings from ``egressgw agent``'s arguments."""
+    from egressgw.agent import AgentSettings
+
+    return AgentSettings(
+        node_name=args.node_name or "",
+        cluster_cidrs=tuple(args.cluster_cidr),
+        dns_addresses=tuple(dict.fromkeys(args.dns_address)),
+        manifests=Path(args.manifests) if args.manifests else None,
+        http_listen=args.http_listen,
+        tunnel=tunnel_of(args),
+        table=args.table,
+        netns=args.netns,
+    )
+
+
+def _agent(args: argparse.Namespace) -> int:
+    from egressgw import app
+    from egressgw.runtime import StartupError
+
+    kube = None
+    if args.kubernetes:
+        kube = app.KubeSettings(
+            node_name=args.node_name or "",
+            kubeconfig=Path(args.kubeconfig) if args.kubeconfig else None,
+            lease_namespace=args.lease_namespace,
+        )
+    try:
+        agent = app.build_agent(agent_settings_of(args), kube)
+        return asyncio.run(agent.run())
+    except (app.ConfigError, StartupError) as exc:
+        print(f"egressgw agent: {exc}", file=sys.stderr)
+        return 2
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -171,6 +315,95 @@ def _policy_check(args: argparse.Namespace) -> int:
         return build(snapshot, IdentityRegistry()).notes
 
     return check_paths(args.paths, strict=args.strict, conflicts=conflicts)
+
+
+def _add_agent_parser(sub: Any) -> None:
+    agent = sub.add_parser(
+        "agent",
+        help="run the agent of a worker node: steer selected pods to their gateway nodes",
+        description="Run the agent of a worker node: the traffic of each pod on this node that "
+        "an EgressGateway selects, toward anything outside the cluster CIDRs, and its DNS to "
+        "the --dns-address addresses, go through egressgw's VXLAN tunnel to the gateway node "
+        "that holds the gateway's egress IP of that address family; while none does, that "
+        "traffic is dropped. Other pods and cluster-internal traffic are not touched. The "
+        "kernel keeps steering while the agent is stopped. Exit status: 0 stopped by "
+        "SIGTERM/SIGINT, 1 a task failed, 2 a setting or the host is not fit to start (one "
+        "line says why).",
+    )
+    mode = agent.add_mutually_exclusive_group(required=True)
+    mode.add_argument(
+        "--manifests",
+        metavar="DIR",
+        help="directory of Namespace, Pod (with spec.nodeName), Node and EgressGateway YAML, "
+        "re-read when it changes; each gateway's egress IPs are held by the first Node, by "
+        "name, its nodeSelector matches",
+    )
+    mode.add_argument(
+        "--kubernetes",
+        action="store_true",
+        help="read this node's pods, the Namespaces, EgressGateways and Nodes from the API "
+        "server, and the egress IPs' holders from their Leases",
+    )
+    agent.add_argument(
+        "--node-name",
+        default=os.environ.get("NODE_NAME"),
+        metavar="NAME",
+        help="this node's name: its pods are steered, from its Node's InternalIP "
+        "(default: $NODE_NAME)",
+    )
+    agent.add_argument(
+        "--cluster-cidr",
+        type=network,
+        action="append",
+        required=True,
+        metavar="CIDR",
+        help="a network inside the cluster: pods, services, nodes; traffic toward it is never "
+        "steered; repeatable, at least one",
+    )
+    agent.add_argument(
+        "--dns-address",
+        type=address,
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="an address the pods send DNS to (the cluster DNS Service IP, NodeLocal "
+        "DNSCache's address): DNS of steered pods to it, UDP and TCP port 53, goes to their "
+        "gateway's interceptor, which answers as this address; repeatable (default: none, "
+        "DNS is not steered)",
+    )
+    agent.add_argument(
+        "--http-listen",
+        type=host_port,
+        metavar="ADDR:PORT",
+        help="serve /healthz, /readyz and /metrics (default: none)",
+    )
+    agent.add_argument(
+        "--table",
+        type=table_name,
+        default="egressgw_agent",
+        metavar="NAME",
+        help="nftables table (inet family) that marks what to steer (default: %(default)s)",
+    )
+    agent.add_argument(
+        "--netns",
+        metavar="NAME",
+        help="for tests and labs only: program the steering in this network namespace (HTTP "
+        "still listens where the process runs)",
+    )
+    add_tunnel_options(agent, "this worker node's end")
+    kube = agent.add_argument_group("Kubernetes mode")
+    kube.add_argument(
+        "--kubeconfig",
+        metavar="PATH",
+        help="kubeconfig file (default: the in-cluster service account)",
+    )
+    kube.add_argument(
+        "--lease-namespace",
+        default="egressgw-system",
+        metavar="NS",
+        help="namespace of the egress IP Leases the gateways hold (default: %(default)s)",
+    )
+    agent.set_defaults(func=_agent)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,7 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--node-name",
         default=os.environ.get("NODE_NAME"),
         metavar="NAME",
-        help="this node's name, for Leases and nodeSelectors (default: $NODE_NAME)",
+        help="this node's name, for Leases and nodeSelectors; with --manifests, the Node whose "
+        "egress IPs this gateway holds and whose tunnel it terminates (manifests without any "
+        "Node: every egress IP, no tunnel) (default: $NODE_NAME)",
     )
     kube.add_argument(
         "--lease-namespace",
@@ -344,10 +579,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dns.add_argument(
         "--passthrough-domain",
+        type=domain,
         action="append",
         default=[],
         metavar="DOMAIN",
-        help="forward names under DOMAIN without programming (e.g. cluster.local); repeatable",
+        help="forward names at or under DOMAIN to the upstream and release the answer without "
+        "a policy decision or programming (e.g. cluster.local, which the cluster DNS answers "
+        "and whose traffic stays in the cluster); repeatable (default: none)",
     )
     dns.add_argument(
         "--max-addresses-per-name",
@@ -380,7 +618,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="allowed DNS decisions logged at INFO, lines per second; the rest are counted in "
         "one line a second; 0: none (denials are always logged) (default: %(default)s)",
     )
+    add_tunnel_options(run, "with --node-name: this gateway node's end")
     run.set_defaults(func=_run)
+
+    _add_agent_parser(sub)
 
     policy = sub.add_parser("policy", help="work with EgressGateway and EgressPolicy files")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True, metavar="COMMAND")

@@ -1,13 +1,14 @@
 """Every Prometheus metric egressgw exports, defined in one place.
 
-In: updates from the daemon, the DNS interceptor and (on each scrape) a ``GatewayReport`` that
-the runtime assembles from the kernel. Out: the default ``prometheus_client`` registry.
+In: updates from the daemon, the DNS interceptor, the agent, and (on each scrape) a
+``GatewayReport`` that the runtime assembles from the kernel or an ``AgentReport`` that the agent
+assembles from the plan in force. Out: the default ``prometheus_client`` registry.
 
 Workload labels are limited to ``namespace``: never a pod, a DNS name or an address, so the
 number of series grows with namespaces, not with traffic. The only addresses in labels are
 egress IPs, which the platform admin lists in EgressGateways (a handful per gateway), and the
-configured upstream resolvers. This module imports nothing of egressgw but the version, so every
-layer may use it.
+configured upstream resolvers; gateway and node names are the admin's too, a handful each. This
+module imports nothing of egressgw but the version, so every layer may use it.
 
 Kernel-derived values (learned elements, traffic counters, egress IP holders, policy counts) are
 produced by ``GatewayCollector`` at scrape time rather than copied into gauges by a background
@@ -156,6 +157,30 @@ DNS_ADDRESS_CAPS = Gauge(
     "egressgw_dns_address_cap",
     "Configured address caps (per name: records kept per answer; per identity: learned addresses)",
     ["cap"],
+)
+
+
+TUNNEL_POD_ADDRESSES = Gauge(
+    "egressgw_tunnel_pod_addresses",
+    "Pod addresses this gateway node accepts from the tunnel (each only from its own node)",
+)
+TUNNEL_PEERS = Gauge(
+    "egressgw_tunnel_peers", "Worker nodes whose pods this gateway node serves through the tunnel"
+)
+
+AGENT_APPLY_SECONDS = Histogram(
+    "egressgw_agent_apply_duration_seconds",
+    "Time to apply one changed steering plan on a worker node",
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
+)
+AGENT_APPLIES = Counter(
+    "egressgw_agent_applies_total",
+    "Changed steering plans applied on this worker node (an unchanged plan is not applied)",
+)
+AGENT_APPLY_ERRORS = Counter(
+    "egressgw_agent_apply_errors_total",
+    "Steering plans the kernel or the system refused; the previous one stays in force and the "
+    "apply is tried again with backoff",
 )
 
 
@@ -371,3 +396,92 @@ class GatewayCollector(Collector):
 
 GATEWAY = GatewayCollector()
 REGISTRY.register(GATEWAY)
+
+
+@dataclass(frozen=True)
+class NextHop:
+    gateway: str
+    family: int  # 4 or 6
+    node: str  # the gateway node's name; its tunnel address when no Node has it
+
+
+@dataclass
+class AgentReport:
+    """What the agent has in force at scrape time (empty until its first apply)."""
+
+    steered: Mapping[str, int] = field(default_factory=dict)  # gateway -> pod addresses
+    next_hops: Iterable[NextHop] = ()
+    # (gateway, family) of steered addresses -> whether that traffic is dropped for want of a
+    # reachable holder
+    fail_closed: Mapping[tuple[str, int], bool] = field(default_factory=dict)
+    dropped_packets: int | None = None  # kernel counter; None: not readable (no table yet)
+
+
+class AgentCollector(Collector):
+    """Produces the agent's steering families on each scrape from a bound report function."""
+
+    def __init__(self) -> None:
+        self._report: Callable[[], AgentReport] | None = None
+
+    def bind(self, report: Callable[[], AgentReport]) -> None:
+        self._report = report
+
+    def unbind(self) -> None:
+        self._report = None
+
+    def describe(self) -> Iterable[object]:
+        return []
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        if self._report is None:
+            return
+        try:
+            report = self._report()
+        except Exception:  # a scrape never fails because the agent's state could not be read
+            log.exception("could not read the agent's state for /metrics")
+            return
+        yield from self.families(report)
+
+    def families(self, report: AgentReport) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        steered = GaugeMetricFamily(
+            "egressgw_agent_steered_addresses",
+            "Addresses of pods on this node steered into the tunnel, by EgressGateway",
+            labels=["gateway"],
+        )
+        for gateway, count in sorted(report.steered.items()):
+            steered.add_metric([gateway], count)
+        yield steered
+
+        hops = GaugeMetricFamily(
+            "egressgw_agent_next_hop_info",
+            "The gateway node this node's pods of an EgressGateway are steered to, per address "
+            "family (1 per series in force)",
+            labels=["gateway", "family", "node"],
+        )
+        for hop in sorted(report.next_hops, key=lambda h: (h.gateway, h.family)):
+            hops.add_metric([hop.gateway, f"IPv{hop.family}", hop.node], 1)
+        yield hops
+
+        closed = GaugeMetricFamily(
+            "egressgw_agent_fail_closed",
+            "1 while the external traffic of this node's pods of an EgressGateway, of one "
+            "address family, is dropped because no reachable gateway node holds an egress IP "
+            "of that family for it (none held, or the gateway lists none); 0 while it is steered",
+            labels=["gateway", "family"],
+        )
+        for (gateway, family), dropped in sorted(report.fail_closed.items()):
+            closed.add_metric([gateway, f"IPv{family}"], 1 if dropped else 0)
+        yield closed
+
+        if report.dropped_packets is not None:
+            yield CounterMetricFamily(
+                "egressgw_agent_dropped_packets",
+                "Packets of steered pods this node dropped because their gateway had no "
+                "reachable gateway node for their family (kernel counter, since the agent's "
+                "table was made)",
+                value=report.dropped_packets,
+            )
+
+
+AGENT = AgentCollector()
+REGISTRY.register(AGENT)

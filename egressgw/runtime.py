@@ -2,7 +2,8 @@
 
 In: Settings and the parts ``app`` built from them. Out: a datapath kept in step with the source
 until SIGTERM/SIGINT, after which it exits and leaves the kernel enforcing the last state
-(nothing is removed on the way out).
+(nothing is removed on the way out). On a gateway node (``--node-name``), ``GatewayNode`` adds
+the tunnel's end and, in manifests mode, decides which egress IPs this node holds.
 Every long-running coroutine is a named task; if one dies, the daemon stops loudly.
 
 Start-up checks what it needs before it touches the kernel (``preflight``: the network
@@ -18,13 +19,14 @@ from __future__ import annotations
 import asyncio
 import errno
 import gc
+import ipaddress
 import logging
 import shutil
 import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,12 +34,13 @@ from typing import Any
 from aiohttp import web
 
 from egressgw import metrics
-from egressgw.contracts import Datapath, Ownership, Source, StatusSink
+from egressgw.contracts import Datapath, GatewayTunnel, Ownership, Source, StatusSink
 from egressgw.datapath.addresses import IPAddress as AddressOnLink
 from egressgw.datapath.addresses import UplinkAddresses
 from egressgw.datapath.netlink import SOCKET_BUFFER_BYTES, NetlinkError
 from egressgw.datapath.netns import call_in
 from egressgw.datapath.skeleton import SkeletonError
+from egressgw.datapath.tunnel import TunnelSettings
 from egressgw.dns.interceptor import DnsSettings, Interceptor, PolicyView
 from egressgw.dns.names import NamePolicy
 from egressgw.dns.server import TCP_IN_FLIGHT, TCP_PER_SOURCE, DnsServer, udp_socket
@@ -46,6 +49,7 @@ from egressgw.identity import IdentityRegistry, IPAddress, WorkloadTable
 from egressgw.plan import Plan, build
 from egressgw.policy.model import EgressGateway, Snapshot
 from egressgw.report import gateway_egress, to_json
+from egressgw.steering import TunnelPeers, manifest_holders, tunnel_peers
 from egressgw.web import Health, NotReady, Operator, make_app, serve
 
 log = logging.getLogger("egressgw")
@@ -86,6 +90,146 @@ class Settings:
     netlink_buffer_bytes: int = SOCKET_BUFFER_BYTES  # asked for the nftables socket, per direction
     dns_tcp_per_source: int = TCP_PER_SOURCE  # DNS-over-TCP connections one source may hold
     dns_tcp_pipeline: int = TCP_IN_FLIGHT  # queries in flight per DNS-over-TCP connection
+    tunnel: TunnelSettings = field(default_factory=TunnelSettings)  # with node_name only
+
+
+class GatewayNode:
+    """What ``--node-name`` adds to a gateway: its end of the tunnel and, in manifests mode,
+    which egress IPs it holds (an ``Ownership``).
+
+    Manifests mode (``manifests=True``): this node holds the egress IPs that
+    ``steering.manifest_holders`` gives it. Manifests without any Node are read as before the
+    tunnel existed: every egress IP is held and there is no tunnel. With Nodes but none named
+    this node's name, nothing is held. Kubernetes mode: the Leases decide (``LeaseOwnership``)
+    and ``others`` says who holds the rest.
+
+    After every apply, ``sync`` gives the tunnel the pod addresses this node accepts
+    (``steering.tunnel_peers``, from who holds what: this node exactly the IPs it put on its
+    uplink, the others as ``others`` or the manifests say). The tunnel is built, told where
+    the DNS it carries goes, and set up only once this node's Node has a tunnel address;
+    until then nothing of it is touched.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        tunnel: Callable[[], GatewayTunnel],
+        dns_listen: Sequence[tuple[str, int]] = (),
+        *,
+        manifests: bool,
+        others: Callable[[], Mapping[IPAddress, str]] | None = None,
+    ) -> None:
+        self.name = name
+        self.dns_listen = tuple(dns_listen)
+        self.manifests = manifests
+        self._make_tunnel = tunnel
+        self._others = others
+        self.tunnel: GatewayTunnel | None = None
+        self.local: IPAddress | None = None  # the address the tunnel was set up with
+        self.in_force: TunnelPeers | None = None
+        self._holders: dict[IPAddress, str] = {}  # manifests mode: from the latest snapshot
+        self._everything = True  # manifests without Nodes: hold every egress IP, no tunnel
+        self._said: str | None = None
+
+    # -- Ownership, for manifests mode --------------------------------------------------------
+    def see(self, snapshot: Snapshot) -> None:
+        """The snapshot about to be planned (before ``holds`` is asked)."""
+        if not self.manifests:
+            return
+        self._everything = not snapshot.nodes
+        self._holders = manifest_holders(snapshot)
+        if self._everything:
+            self._say(
+                f"--node-name {self.name}: the manifests hold no Node, so this node holds every "
+                "egress IP and there is no tunnel"
+            )
+        elif not any(node.name == self.name for node in snapshot.nodes):
+            self._say(
+                f"--node-name {self.name}: no Node of that name in the manifests; this node "
+                "holds no egress IP"
+            )
+        else:
+            self._say(None)
+
+    def _say(self, line: str | None) -> None:
+        if line is not None and line != self._said:
+            log.warning("%s", line)
+        self._said = line
+
+    def holds(self, gateway: EgressGateway, address: IPAddress) -> bool:
+        return self._everything or self._holders.get(address) == self.name
+
+    def update(self, gateways: Sequence[EgressGateway]) -> None:
+        return None
+
+    async def run(self, changed: Callable[[], None]) -> None:
+        await asyncio.Event().wait()  # the manifests change through snapshots
+
+    # -- the tunnel ---------------------------------------------------------------------------
+    def holders(self, held: Set[IPAddress]) -> dict[IPAddress, str]:
+        """Egress IP -> holding node: this node exactly ``held``, the others as known."""
+        known = self._holders if self.manifests else dict(self._others() if self._others else {})
+        found = {a: n for a, n in known.items() if n != self.name}
+        found.update(dict.fromkeys(held, self.name))
+        return found
+
+    def sync(self, snapshot: Snapshot, held: Set[IPAddress]) -> TunnelPeers | None:
+        """Bring the tunnel in step with ``snapshot`` and the egress IPs held; the peers in
+        force, or None without a tunnel. Raises what the tunnel raises."""
+        if self.manifests and self._everything:
+            return None
+        peers = tunnel_peers(snapshot, self.name, self.holders(held))
+        before = self.in_force
+        for note in peers.notes:
+            if before is None or note not in before.notes:
+                log.warning("tunnel: %s", note)
+        if peers.local is None:
+            return None
+        tunnel = self.tunnel
+        if tunnel is None:
+            tunnel = self.tunnel = self._make_tunnel()
+        if self.local != peers.local:
+            redirect = self.dns_redirect(peers.local)
+            tunnel.setup(peers.local, redirect)
+            self.local, before = peers.local, None
+            log.info(
+                "tunnel: set up at %s; the DNS it carries is answered at %s",
+                peers.local,
+                ", ".join(listen_label(str(a), p) for a, p in redirect)
+                or "no address of this node (no --dns-listen of the tunnel's family): it is "
+                "forwarded as any other traffic",
+            )
+        if before is None or before.pods != peers.pods:
+            tunnel.apply(peers)
+            was = before.pods if before is not None else {}
+            log.info(
+                "tunnel: accepting %d pod addresses from %d nodes (+%d -%d)",
+                len(peers.pods),
+                len(peers.peers),
+                sum(1 for a, n in peers.pods.items() if was.get(a) != n),
+                sum(1 for a, n in was.items() if peers.pods.get(a) != n),
+            )
+        self.in_force = peers
+        metrics.TUNNEL_POD_ADDRESSES.set(len(peers.pods))
+        metrics.TUNNEL_PEERS.set(len(peers.peers))
+        return peers
+
+    def dns_redirect(self, local: IPAddress) -> list[tuple[IPAddress, int]]:
+        """Where the tunnel's DNS goes: the first ``--dns-listen`` address of each family, an
+        unspecified one (0.0.0.0, ::) standing for ``local`` when it is of that family."""
+        found: dict[int, tuple[IPAddress, int]] = {}
+        for host, port in self.dns_listen:
+            address = ipaddress.ip_address(host)
+            if address.is_unspecified:
+                if address.version != local.version:
+                    continue
+                address = local
+            found.setdefault(address.version, (address, port))
+        return [found[family] for family in sorted(found)]
+
+    def close(self) -> None:
+        if self.tunnel is not None:
+            self.tunnel.close()
 
 
 def listen_label(host: str, port: int) -> str:
@@ -221,6 +365,7 @@ class Daemon:
         ownership: Ownership | None = None,
         status: StatusSink | None = None,
         interceptor: Interceptor | None = None,
+        gateway_node: GatewayNode | None = None,
     ) -> None:
         self.settings = settings
         self.datapath = datapath
@@ -228,6 +373,7 @@ class Daemon:
         self.ownership: Ownership = ownership or HoldAll()
         self.status = status
         self.interceptor = interceptor
+        self.gateway_node = gateway_node
         self.last_snapshot: Snapshot | None = None
         self._apply_lock = threading.Lock()
         self.registry = IdentityRegistry()
@@ -332,6 +478,8 @@ class Daemon:
     def _apply(self, snapshot: Snapshot) -> Plan:
         assert self._addresses is not None
         started = time.perf_counter()
+        if self.gateway_node is not None:
+            self.gateway_node.see(snapshot)
         self.ownership.update(snapshot.gateways)
         plan = build(snapshot, self.registry, self.ownership.holds)
         self.last_snapshot = snapshot
@@ -387,6 +535,8 @@ class Daemon:
             _addresses_text(removed),
             elapsed * 1000,
         )
+        if self.gateway_node is not None:  # the egress IPs it routes for are in place now
+            self.gateway_node.sync(snapshot, wanted)
         return plan
 
     async def _follow_source(self) -> None:
@@ -563,6 +713,8 @@ class Daemon:
                 await runner.cleanup()
             metrics.GATEWAY.unbind()
             self.datapath.close()
+            if self.gateway_node is not None:  # off the loop: pyroute2 runs a loop of its own
+                await asyncio.to_thread(self.gateway_node.close)
             if self._addresses is not None:
                 self._addresses.close()
             for sig in (signal.SIGTERM, signal.SIGINT):

@@ -8,9 +8,11 @@ missing directory or an unreachable daemon. Both are read-only.
 
 ``cleanup`` is the one that changes the node: it deletes egressgw's nftables table and removes
 from the uplink the egress IPs the daemon added (those the table's ``egress_ips`` sets
-recorded; the node's own addresses are never touched), for uninstalling. The uplink is the one
-named in the table's rules unless ``--uplink`` says otherwise. Exit status 0 (also when there
-was nothing to remove) or 2 with one line saying why not.
+recorded; the node's own addresses are never touched), and the gateway's end of the tunnel if
+its device exists, for uninstalling. The uplink is the one named in the table's rules unless
+``--uplink`` says otherwise. ``cleanup --agent`` removes what the agent of a worker node keeps
+in the kernel instead: its table, routing rules, routes and tunnel device. Exit status 0 (also
+when there was nothing to remove) or 2 with one line saying why not.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from egressgw.report import FORMATS, format_rows, from_json, gateway_egress
 
 if TYPE_CHECKING:
     from egressgw.datapath.keys import IPAddress
+    from egressgw.datapath.tunnel import TunnelSettings
 
 HTTP_TIMEOUT_S = 5.0
 MAX_PROBLEMS_SHOWN = 5
@@ -169,18 +172,97 @@ def _recorded_egress_ips(table: str, netns: str | None) -> list[IPAddress]:
     return found
 
 
-def cleanup(table: str, uplink: str | None, netns: str | None) -> list[str]:
-    """Delete the table and remove the egress IPs it records from the uplink; one line per
-    thing done. Raises ``CleanupError``."""
-    from egressgw.datapath.addresses import UplinkAddresses
-    from egressgw.datapath.netlink import NetlinkError
-    from egressgw.runtime import StartupError, check_host, check_uplink
+def _check_host(netns: str | None) -> None:
+    from egressgw.runtime import StartupError, check_host
 
-    where = f" in network namespace {netns}" if netns else ""
     try:
         check_host(netns)
     except StartupError as exc:
         raise CleanupError(str(exc)) from None
+
+
+def _has_interface(name: str, netns: str | None) -> bool:
+    import socket
+
+    from egressgw.datapath.netns import call_in
+
+    def index() -> int:
+        try:
+            return socket.if_nametoindex(name)
+        except OSError:
+            return 0
+
+    return bool(call_in(netns, index))
+
+
+def _removed(result: object, generic: str) -> list[str]:
+    """The lines a ``remove()`` returned, or ``generic`` when it returned none."""
+    if isinstance(result, list | tuple) and result:
+        return [str(line) for line in result]
+    return [generic]
+
+
+def cleanup(
+    table: str, uplink: str | None, netns: str | None, tunnel: TunnelSettings | None = None
+) -> list[str]:
+    """Delete the table, remove the egress IPs it records from the uplink and, if its device
+    exists, the gateway's end of the tunnel; one line per thing done. Raises
+    ``CleanupError``."""
+    _check_host(netns)
+    link = uplink or _table_uplink(table, netns)
+    done = _cleanup_table(table, uplink, netns)
+    if tunnel is not None and _has_interface(tunnel.device, netns):
+        from egressgw import app
+
+        try:
+            result = app.gateway_tunnel(tunnel, table, link or "", netns).remove()
+        except Exception as exc:
+            raise CleanupError(
+                f"could not remove the tunnel (device {tunnel.device}): {_first_line(str(exc))}"
+            ) from None
+        where = f" in network namespace {netns}" if netns else ""
+        done += _removed(
+            result, f"removed the tunnel device {tunnel.device}, its reply routes and rule{where}"
+        )
+    return done
+
+
+def _agent_state_found(table: str, device: str, netns: str | None) -> bool:
+    """Whether the agent's table or tunnel device is there."""
+    listed = _nft(netns, "list", "table", "inet", table).returncode == 0
+    return listed or _has_interface(device, netns)
+
+
+def cleanup_agent(table: str, tunnel: TunnelSettings, netns: str | None) -> list[str]:
+    """Delete what the agent of a worker node keeps in the kernel: its table, routing rules,
+    routes and tunnel device (none of them there: nothing happens). Raises ``CleanupError``."""
+    from egressgw import app
+
+    _check_host(netns)
+    where = f" in network namespace {netns}" if netns else ""
+    found = _agent_state_found(table, tunnel.device, netns)
+    try:  # also without either: rules and routes a half-done removal left go too
+        result = app.agent_datapath(tunnel, (), (), table, netns).remove()
+    except Exception as exc:
+        raise CleanupError(f"could not remove the agent's state: {_first_line(str(exc))}") from None
+    if not found:
+        return [
+            f"no nftables table inet {table} and no device {tunnel.device}{where}: nothing to "
+            "remove"
+        ]
+    return _removed(
+        result,
+        f"removed the agent's nftables table inet {table}, its routing rules and routes, and "
+        f"the tunnel device {tunnel.device}{where}",
+    )
+
+
+def _cleanup_table(table: str, uplink: str | None, netns: str | None) -> list[str]:
+    from egressgw.datapath.addresses import UplinkAddresses
+    from egressgw.datapath.netlink import NetlinkError
+    from egressgw.runtime import StartupError, check_uplink
+
+    where = f" in network namespace {netns}" if netns else ""
     listed = _nft(netns, "list", "table", "inet", table)
     if listed.returncode != 0:
         if "No such file or directory" in listed.stderr:
@@ -227,8 +309,16 @@ def cleanup(table: str, uplink: str | None, netns: str | None) -> list[str]:
 
 
 def _cleanup(args: argparse.Namespace) -> int:
+    from egressgw.datapath.tunnel import TunnelSettings
+
+    tunnel = TunnelSettings(device=args.tunnel_device)
     try:
-        lines = cleanup(args.table, args.uplink, args.netns)
+        if args.agent:
+            if args.uplink is not None:
+                raise CleanupError("--uplink is the gateway's; the agent has no egress IPs")
+            lines = cleanup_agent(args.table or "egressgw_agent", tunnel, args.netns)
+        else:
+            lines = cleanup(args.table or "egressgw", args.uplink, args.netns, tunnel)
     except CleanupError as exc:
         print(f"egressgw cleanup: {exc}", file=sys.stderr)
         return EXIT_ERROR
@@ -253,7 +343,8 @@ def _source(parser: argparse.ArgumentParser) -> None:
 
 def add_parsers(sub: Any) -> None:
     """Add ``egress-ips``, ``explain`` and ``cleanup`` to the ``egressgw`` subcommands."""
-    from egressgw.cli import table_name
+    from egressgw.cli import interface_name, table_name
+    from egressgw.datapath.tunnel import DEVICE
 
     ips = sub.add_parser(
         "egress-ips",
@@ -303,18 +394,34 @@ def add_parsers(sub: Any) -> None:
 
     clean = sub.add_parser(
         "cleanup",
-        help="remove egressgw's nftables table and the egress IPs it added (uninstall)",
-        description="Delete the nftables table and remove from the uplink the egress IPs the "
-        "daemon added (as the table records them; the node's own addresses stay). Stop the "
-        "daemon first: a running one would create its table again. Needs root "
-        "(CAP_NET_ADMIN). Exit status: 0 (also when there is nothing to remove), 2 cannot.",
+        help="remove egressgw's nftables table, the egress IPs and the tunnel it added "
+        "(uninstall); --agent: the agent's",
+        description="Delete the nftables table, remove from the uplink the egress IPs the "
+        "daemon added (as the table records them; the node's own addresses stay) and the "
+        "gateway's end of the tunnel if its device exists. With --agent, remove the agent's "
+        "state from a worker node instead: its table, routing rules, routes and tunnel device "
+        "(its pods then leave by the node's normal path). Stop the daemon or the agent first: "
+        "a running one would create its state again. Needs root (CAP_NET_ADMIN). Exit status: "
+        "0 (also when there is nothing to remove), 2 cannot.",
+    )
+    clean.add_argument(
+        "--agent",
+        action="store_true",
+        help="remove the agent's state (egressgw agent) instead of the gateway's",
     )
     clean.add_argument(
         "--table",
         type=table_name,
-        default="egressgw",
         metavar="NAME",
-        help="the daemon's --table (default: %(default)s)",
+        help="the daemon's or the agent's --table (default: egressgw; with --agent: "
+        "egressgw_agent)",
+    )
+    clean.add_argument(
+        "--tunnel-device",
+        type=interface_name,
+        default=DEVICE,
+        metavar="NAME",
+        help="the daemon's or the agent's --tunnel-device (default: %(default)s)",
     )
     clean.add_argument(
         "--uplink",

@@ -17,6 +17,9 @@ Kernel facts this relies on (checked by tests/kernel/test_datapath_kernel.py on 
 - an element's remaining lifetime is reported as NFTA_SET_ELEM_EXPIRATION in milliseconds;
 - an element's comment (its userdata) is kept and dumped back as written, up to 251 bytes
   (tests/kernel/test_netlink_sizes.py; a longer one is refused or, at 253, silently dropped).
+
+``GatewayTunnel`` (only with a node name) adds the tunnel from worker nodes beside the table:
+what it relies on is listed in ``tunnel`` and checked by tests/kernel/test_tunnel.py.
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from egressgw.datapath import keys, skeleton
 from egressgw.datapath.netlink import (
@@ -51,6 +55,16 @@ from egressgw.datapath.state import (
     same_element,
     whole_seconds_ms,
     with_name,
+)
+from egressgw.datapath.tunnel import (
+    Changes,
+    Route,
+    Rule,
+    Tunnel,
+    TunnelError,
+    TunnelSettings,
+    host_network,
+    next_hop,
 )
 
 log = logging.getLogger(__name__)
@@ -519,3 +533,170 @@ class NftDatapath:
 
     def static_count(self, set_name: str) -> int:
         return len(self._static.get(set_name, {}))
+
+
+# --- the tunnel from worker nodes ------------------------------------------------------------
+
+REPLY_TABLE = 7795  # routes back to tunnelled pods, one per pod address
+REPLY_RULE_PRIORITY = 90  # `lookup REPLY_TABLE`, before main (and before other CNIs' rules)
+
+
+class TunnelledPods(Protocol):
+    """What the gateway side reads of a ``steering.TunnelPeers``."""
+
+    @property
+    def pods(self) -> Mapping[keys.IPAddress, keys.IPAddress]:
+        """Address of a pod served here -> tunnel address of the node it runs on."""
+        ...
+
+
+def _comparable(element: Element) -> tuple[bytes, bytes | None, bytes | None, str | None]:
+    return (element.key, element.key_end, element.data, element.comment)
+
+
+def sync_elements(
+    sock: NftSocket, wanted: Mapping[str, Iterable[Element]], *, prune: bool = True
+) -> tuple[int, int]:
+    """Make each named set hold exactly ``wanted`` (key, data and comment), in one transaction:
+    what differs is deleted first, then added, so a map element that changes value never
+    leaves its key unmapped. Without ``prune``, only what is missing is added. Returns (added,
+    removed)."""
+    removals: list[Change] = []
+    additions: list[Change] = []
+    for name, elements in wanted.items():
+        want = {_comparable(e): e for e in elements}
+        have = {_comparable(e): e for e in sock.dump(name)}
+        stale = tuple(e for k, e in have.items() if k not in want) if prune else ()
+        fresh = tuple(e for k, e in want.items() if k not in have)
+        if stale:
+            removals.append(Change(Op.DELETE, name, stale))
+        if fresh:
+            additions.append(Change(Op.ADD, name, fresh))
+    if removals or additions:
+        sock.apply(removals + additions)
+    return (
+        sum(len(c.elements) for c in additions),
+        sum(len(c.elements) for c in removals),
+    )
+
+
+def tunnel_elements(
+    local_version: int, pods: Mapping[keys.IPAddress, keys.IPAddress]
+) -> tuple[dict[str, list[Element]], list[str]]:
+    """The tunnel sets' elements: (worker tunnel address . pod address), raw, in the set for
+    the pair of families; pods of workers the tunnel cannot reach are named in notes."""
+    wanted: dict[str, list[Element]] = {name: [] for name in skeleton.TUNNEL_SET_SPECS}
+    notes: list[str] = []
+    for pod, worker in sorted(pods.items(), key=lambda i: (i[0].version, i[0])):
+        if worker.version != local_version:
+            notes.append(f"pod {pod}: its node {worker} is not reachable over this tunnel")
+            continue
+        name = skeleton.tunnel_set_name(worker.version, pod.version)
+        wanted[name].append(Element(key=worker.packed + pod.packed))
+    return wanted, notes
+
+
+class GatewayTunnel:
+    """The gateway side of the tunnel from worker nodes (only when the gateway runs with a node
+    name): the device, the tunnel chains in the gateway's table (``skeleton.render_tunnel``),
+    and the routes back to tunnelled pods.
+
+    ``setup`` once the gateway's table exists (after ``NftDatapath.adopt``); it adopts what a
+    previous run left. ``apply`` is idempotent: pods and their nodes from a ``TunnelPeers``
+    become (a) elements of the sets the inner-source check looks up, (b) one route per pod
+    address, ``via`` its node through the tunnel in ``reply_table``, which an ``ip rule`` at
+    ``rule_priority`` consults before main (replies, and the gateway's own answers, go back to
+    the pod's node), and (c) FDB and neighbour entries for those nodes. A new pod's route is in
+    place before its packets are accepted; a gone pod's packets are refused before its route
+    goes. ``remove`` uninstalls all of it. Forwarding and SNAT are the gateway's own rules: a
+    tunnelled pod is a workload like any other. Synchronous, one caller at a time.
+    """
+
+    def __init__(
+        self,
+        tunnel: TunnelSettings,
+        table: str,
+        uplink: str,
+        netns: str | None = None,
+        *,
+        reply_table: int = REPLY_TABLE,
+        rule_priority: int = REPLY_RULE_PRIORITY,
+    ) -> None:
+        self.settings = tunnel
+        self.table = table
+        self.uplink = uplink
+        self.netns = netns
+        self.reply_table = reply_table
+        self.rule_priority = rule_priority
+        self.tunnel = Tunnel(tunnel, netns)
+        self._sock: NftSocket | None = None
+        self._lock = threading.Lock()
+
+    def _rules(self) -> set[Rule]:
+        return {Rule(f, self.rule_priority, table=self.reply_table) for f in (4, 6)}
+
+    def setup(
+        self, local: keys.IPAddress, dns_redirect: Sequence[tuple[keys.IPAddress, int]] = ()
+    ) -> Changes:
+        """Device for ``local``, tunnel chains (tunnelled DNS DNATed to ``dns_redirect``, at
+        most one (address, port) per family), and the rule toward the reply table."""
+        s = self.settings
+        with self._lock:
+            skeleton.load_tunnel(
+                self.table, self.uplink, s.device, s.port, dns_redirect, self.netns
+            )
+            changes = self.tunnel.setup(local)
+            changes += self.tunnel.sync_rules([self.rule_priority], self._rules())
+            if self._sock is None:
+                self._sock = call_in(self.netns, lambda: NftSocket(self.table))
+            return changes
+
+    def apply(self, peers: TunnelledPods) -> Changes:
+        with self._lock:
+            return self._apply(peers)
+
+    def _apply(self, peers: TunnelledPods) -> Changes:
+        local = self.tunnel.local
+        if self._sock is None or local is None:
+            raise TunnelError("GatewayTunnel.apply before setup")
+        nodes = set(peers.pods.values()) | {local}
+        changes = Changes()
+        hops = {(w, f): next_hop(w, f) for w in set(peers.pods.values()) for f in (4, 6)}
+        pods: dict[keys.IPAddress, keys.IPAddress] = {}
+        routes: list[Route] = []
+        for pod, worker in peers.pods.items():
+            hop = hops[(worker, pod.version)]
+            if pod in nodes:  # a node's own address (a host-network pod): never tunnelled
+                changes.notes.append(f"pod {pod} has a node's address; not tunnelled")
+            elif worker.version != local.version:
+                changes.notes.append(f"pod {pod}: its node {worker} is not reachable here")
+            elif hop is None:
+                changes.notes.append(f"pod {pod}: no IPv{pod.version} next hop via {worker}")
+            else:
+                pods[pod] = worker
+                routes.append(Route(self.reply_table, host_network(pod), hop))
+        wanted, _ = tunnel_elements(local.version, pods)
+        workers = set(pods.values())
+        changes += self.tunnel.sync_peers(workers, prune=False)
+        changes += self.tunnel.sync_routes([self.reply_table], routes, prune=False)
+        added, removed = sync_elements(self._sock, wanted)
+        changes.added += added
+        changes.removed += removed
+        changes += self.tunnel.sync_routes([self.reply_table], routes)
+        changes += self.tunnel.sync_peers(workers)
+        return changes
+
+    def remove(self) -> None:
+        """Uninstall: the tunnel chains and sets, the rule, the reply routes, the device."""
+        with self._lock:
+            skeleton.unload_tunnel(self.table, self.netns)
+            self.tunnel.sync_rules([self.rule_priority], ())
+            self.tunnel.sync_routes([self.reply_table], ())
+            self.tunnel.remove()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+            self.tunnel.close()

@@ -15,15 +15,24 @@ Per packet leaving through the uplink on a new flow:
   (``acct_accepted``); rejected and dropped first packets count in ``acct_rejected``.
   postrouting: SNAT to the identity's egress IP of the packet's family.
 Reject is ICMP admin-prohibited so a client fails at once ("No route to host").
+
+With a node name, ``render_tunnel`` adds the chains and sets of the tunnel from worker nodes to
+the same table in a transaction of its own (``load_tunnel``); ``render`` is the same with or
+without them, and adopting a table that has them keeps them.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import re
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from egressgw.datapath.netns import command
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 SKELETON_VERSION = 2
 FAMILIES = (4, 6)
@@ -37,13 +46,14 @@ class SetSpec:
     data_type: str | None = None
     flags: tuple[str, ...] = ()
     counter: bool = False  # every element gets its own packet and byte counter
+    keyword: str = "type"  # or "typeof": the key is given as the expressions it is matched with
 
     def declaration(self, table: str) -> str:
         kind = "map" if self.data_type else "set"
         typ = f"{self.key_type} : {self.data_type}" if self.data_type else self.key_type
         flags = f" flags {','.join(self.flags)};" if self.flags else ""
         counter = " counter;" if self.counter else ""
-        return f"add {kind} inet {table} {self.name} {{ type {typ};{flags}{counter} }}"
+        return f"add {kind} inet {table} {self.name} {{ {self.keyword} {typ};{flags}{counter} }}"
 
 
 def _addr(family: int) -> str:
@@ -126,6 +136,13 @@ CHAIN_RULES = {
 }
 
 
+def check_ifname(name: str) -> str:
+    """``name`` if it is a valid interface name to put in a rule, else ValueError."""
+    if not _IFNAME.match(name):
+        raise ValueError(f"invalid interface name {name!r}")
+    return name
+
+
 def render(table: str, uplink: str) -> str:
     """The whole skeleton as one nft script (one transaction)."""
     if not _IFNAME.match(uplink):
@@ -163,10 +180,176 @@ class SkeletonError(RuntimeError):
     pass
 
 
-def load(table: str, uplink: str, netns: str | None = None) -> None:
-    """Create or upgrade the skeleton in a network namespace (None: this one), one transaction."""
-    script = render(table, uplink)
+def run_script(script: str, what: str, netns: str | None = None) -> None:
+    """Load an nft script as one transaction in a network namespace (None: this one)."""
     argv = command(netns, ["nft", "-f", "-"])
     proc = subprocess.run(argv, input=script, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SkeletonError(f"nft refused the ruleset of table {table}: {proc.stderr.strip()}")
+        raise SkeletonError(f"nft refused {what}: {proc.stderr.strip()}")
+
+
+def listing(table: str, netns: str | None = None) -> dict[str, set[str]] | None:
+    """The chains and sets (maps included) of ``table``, or None if it does not exist."""
+    argv = command(netns, ["nft", "-j", "list", "table", "inet", table])
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode != 0:
+        if "No such file or directory" in proc.stderr:
+            return None
+        raise SkeletonError(f"nft could not list table {table}: {proc.stderr.strip()}")
+    found: dict[str, set[str]] = {"chain": set(), "set": set()}
+    for entry in json.loads(proc.stdout).get("nftables", []):
+        for kind in ("chain", "set", "map"):
+            if kind in entry:
+                found["chain" if kind == "chain" else "set"].add(entry[kind]["name"])
+    return found
+
+
+def load(table: str, uplink: str, netns: str | None = None) -> None:
+    """Create or upgrade the skeleton in a network namespace (None: this one), one transaction."""
+    run_script(render(table, uplink), f"the ruleset of table {table}", netns)
+
+
+# --- the tunnel from worker nodes (gateway side, with a node name only) ---------------------
+#
+# Offsets are bits from the start of the outer UDP payload: the VXLAN header (8 bytes), the
+# inner Ethernet header (destination and source MAC, 12 bytes, then the ethertype), then the
+# inner IP header, whose source address starts 12 bytes in (IPv4) or 8 bytes in (IPv6).
+INNER_ETHERTYPE = "@ih,160,16"
+INNER_SOURCE = {4: "@ih,272,32", 6: "@ih,240,128"}
+ETHERTYPE = {4: "0x0800", 6: "0x86dd"}
+_OUTER = {4: ("ipv4", "ip"), 6: ("ipv6", "ip6")}
+TUNNEL_CHAINS = ("tunnel_in", "tunnel_check", "tunnel_local", "tunnel_dns", "tunnel_forward")
+DNS_PORT = 53
+
+
+def tunnel_set_name(outer: int, inner: int) -> str:
+    """The set of (worker tunnel address . pod address) over an IPv``outer`` tunnel."""
+    return f"tunnel{outer}_pods{inner}"
+
+
+TUNNEL_SET_SPECS = {
+    tunnel_set_name(outer, inner): SetSpec(
+        tunnel_set_name(outer, inner),
+        f"{_OUTER[outer][1]} saddr . {INNER_SOURCE[inner]}",
+        keyword="typeof",
+    )
+    for outer in FAMILIES
+    for inner in FAMILIES
+}
+
+
+def render_tunnel(
+    table: str,
+    uplink: str,
+    device: str,
+    port: int,
+    dns_redirect: Sequence[tuple[IPAddress, int]] = (),
+) -> str:
+    """The gateway's tunnel chains and sets, added to the gateway's own table (which must
+    exist), as one nft script; the rest of the table is left as it is.
+
+    - input, outer packets: a packet to the tunnel's UDP port goes on only if (outer source .
+      inner source) is in the set for its pair of families: the inner source must be a pod that
+      the desired state places on the node the packet came from. Anything else to that port
+      (another inner ethertype, a truncated packet) is dropped;
+    - input, inner packets: a packet from the tunnel reaches this node only as the DNS that
+      ``tunnel_dns`` redirected, or as part of a flow already established;
+    - prerouting (nat, before the node's own DNAT): DNS (UDP and TCP port 53) from the tunnel
+      goes to ``dns_redirect`` of its family; without one for its family it is forwarded
+      like any other traffic, under the policy;
+    - forward: what comes out of the tunnel leaves only through the uplink, where the
+      gateway's forward and SNAT rules apply to it as to any workload; TCP handshakes into
+      the tunnel get their MSS clamped to its MTU.
+    """
+    check_ifname(uplink)
+    check_ifname(device)
+    redirect: dict[int, tuple[IPAddress, int]] = {}
+    for address, to_port in dns_redirect:
+        if address.is_unspecified or address.is_loopback or address.is_multicast:
+            raise ValueError(
+                f"DNS redirect to {address}: tunnelled DNS needs a unicast address of this node"
+                " that forwarded packets can be DNATed to (not unspecified or loopback)"
+            )
+        if address.version in redirect:
+            raise ValueError(f"more than one IPv{address.version} DNS redirect")
+        if not 0 < to_port < 65536:
+            raise ValueError(f"DNS redirect port {to_port} is not a port")
+        redirect[address.version] = (address, to_port)
+    check = []
+    for outer in FAMILIES:
+        nfproto, outer_ip = _OUTER[outer]
+        for inner in FAMILIES:
+            check.append(
+                f"meta nfproto {nfproto} {INNER_ETHERTYPE} {ETHERTYPE[inner]} "
+                f"{outer_ip} saddr . {INNER_SOURCE[inner]} @{tunnel_set_name(outer, inner)} return"
+            )
+    check.append("counter drop")
+    dns = [f'iifname != "{device}" return']
+    for family, (address, to_port) in sorted(redirect.items()):
+        nfproto, ip = _OUTER[family]
+        target = f"{address}:{to_port}" if family == 4 else f"[{address}]:{to_port}"
+        dns.append(
+            f"meta nfproto {nfproto} meta l4proto {{ tcp, udp }} th dport {DNS_PORT} "
+            f"dnat {ip} to {target}"
+        )
+    rules = {
+        "tunnel_in": [
+            f'iifname "{device}" goto tunnel_local',
+            f"udp dport {port} goto tunnel_check",
+        ],
+        "tunnel_check": check,
+        "tunnel_local": [
+            "ct state established,related return",
+            "ct status dnat return",
+            "counter drop",
+        ],
+        "tunnel_dns": dns,
+        "tunnel_forward": [
+            f'iifname "{device}" oifname != "{uplink}" counter drop',
+            f'oifname "{device}" tcp flags syn tcp option maxseg size set rt mtu',
+        ],
+    }
+    hooks = {
+        "tunnel_in": "type filter hook input priority filter; policy accept;",
+        "tunnel_dns": "type nat hook prerouting priority dstnat - 10; policy accept;",
+        "tunnel_forward": "type filter hook forward priority filter; policy accept;",
+    }
+    lines = [spec.declaration(table) for spec in TUNNEL_SET_SPECS.values()]
+    for chain in TUNNEL_CHAINS:
+        hook = hooks.get(chain)
+        lines.append(f"add chain inet {table} {chain}" + (f" {{ {hook} }}" if hook else ""))
+        lines.append(f"flush chain inet {table} {chain}")
+    for chain in TUNNEL_CHAINS:
+        lines += [f"add rule inet {table} {chain} {rule}" for rule in rules[chain]]
+    return "\n".join(lines) + "\n"
+
+
+def load_tunnel(
+    table: str,
+    uplink: str,
+    device: str,
+    port: int,
+    dns_redirect: Sequence[tuple[IPAddress, int]] = (),
+    netns: str | None = None,
+) -> None:
+    """Add or replace the tunnel chains in the gateway's table, keeping the sets' elements."""
+    script = render_tunnel(table, uplink, device, port, dns_redirect)
+    if listing(table, netns) is None:
+        raise SkeletonError(f"table {table} does not exist: load the gateway skeleton first")
+    run_script(script, f"the tunnel chains of table {table}", netns)
+
+
+def unload_tunnel(table: str, netns: str | None = None) -> bool:
+    """Remove the tunnel chains and sets from the gateway's table; False if there were none."""
+    found = listing(table, netns)
+    if found is None:
+        return False
+    chains = [c for c in TUNNEL_CHAINS if c in found["chain"]]
+    sets = [s for s in TUNNEL_SET_SPECS if s in found["set"]]
+    if not chains and not sets:
+        return False
+    lines = [f"flush chain inet {table} {c}" for c in chains]
+    lines += [f"delete chain inet {table} {c}" for c in chains]
+    lines += [f"delete set inet {table} {s}" for s in sets]
+    run_script("\n".join(lines) + "\n", f"removing the tunnel chains of table {table}", netns)
+    return True

@@ -20,6 +20,14 @@ may be shared by the clients with its cache key. A datagram that is not a query 
 (shorter than a header, a response, or counts it cannot hold) gets no reply, so two servers
 cannot bounce errors at each other.
 
+Passthrough domains (``passthrough_domains``, a cluster's own such as ``cluster.local``): a
+known workload's query for a name at or under one is forwarded to the upstream and its answer
+released without a policy decision (no decision line, nothing in ``recent_denials``) and
+without programming anything, since the traffic to such names stays inside the cluster and
+never reaches this datapath. It is counted as verdict ``passthrough`` in
+``egressgw_dns_queries_total``. A name that only ends in the same letters
+(``evilcluster.local``) is decided as any other; an unknown source is refused as for any name.
+
 The datapath call is synchronous: a netlink batch is processed by the kernel inside sendmsg, so
 it is bounded by the socket timeout, which is set to ``program_timeout_s``.
 
@@ -248,7 +256,9 @@ class Interceptor:
         self.cache = AnswerCache(settings.cache_size)
         self._budget = AddressBudget()
         self._limiter = RateLimiter(settings.rate_per_source_qps, settings.burst_per_source)
-        domains = tuple(d.strip(".").lower() for d in settings.passthrough_domains)
+        # canonical as the question's name is: a domain that is no name (the root among them,
+        # which would pass everything through) raises InvalidName here
+        domains = tuple(canonical_name(d) for d in settings.passthrough_domains)
         self._passthrough = frozenset(domains)
         self._passthrough_suffixes = tuple("." + d for d in domains)
         # ready replies and programmed-answer memos, with every rule that makes them stale

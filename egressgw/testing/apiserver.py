@@ -4,12 +4,18 @@ In: HTTP requests from the official ``kubernetes`` client (and calls from the te
 ``delete``, ``compact``, ``break_watches``, ``stop``/``start``). Out: JSON as the API server
 sends it. Only the subset egressgw uses is served:
 
-- list (``limit``/``continue``, ``labelSelector``, ``fieldSelector`` on metadata.name/namespace)
-  with ``metadata.resourceVersion``; items of core lists carry no kind/apiVersion, as for real;
+- list (``limit``/``continue``, ``labelSelector``, ``fieldSelector``) with
+  ``metadata.resourceVersion``; items of core lists carry no kind/apiVersion, as for real. Field
+  selectors take ``=``, ``==`` and ``!=`` on metadata.name and metadata.namespace, and on the
+  fields of ``FIELD_SELECTORS`` (a Pod's spec.nodeName, as the kubelet and egressgw's agent
+  select a node's pods); any other field is refused with 400, as the API server refuses a field
+  it does not index;
 - watch (``?watch=true&resourceVersion=N&allowWatchBookmarks=true&timeoutSeconds=T``) streaming
   newline-delimited ``{"type": ..., "object": ...}`` over chunked HTTP/1.1; a resourceVersion
   older than the retained history gets an ERROR event carrying a Status with code 410;
-  BOOKMARK events carry only kind, apiVersion and metadata.resourceVersion;
+  BOOKMARK events carry only kind, apiVersion and metadata.resourceVersion. With a selector, an
+  object that starts to match is ADDED and one that stops matching is DELETED (carrying its last
+  matching state), as the API server's watch cache does;
 - the status subresource: PATCH ``application/merge-patch+json`` on ``.../status`` changes only
   ``status`` (and never ``metadata.generation``), which custom resources bump on spec changes;
 - Leases: GET, list, POST (409 AlreadyExists) and PUT, whose ``metadata.resourceVersion`` must
@@ -124,13 +130,32 @@ def _selector_matches(selector: str, labels: dict[str, str]) -> bool:
     return True
 
 
-def _fields_match(selector: str, obj: Obj) -> bool:
-    meta = obj.get("metadata", {})
+# plural -> the fields a fieldSelector may name besides metadata.name and metadata.namespace
+FIELD_SELECTORS: dict[str, tuple[str, ...]] = {
+    "pods": ("spec.nodeName",),
+}
+
+
+def _field_value(obj: Obj, path: str) -> str:
+    """A field as the API server compares it: a string, empty when the field is absent."""
+    value: Any = obj
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return "" if value is None else str(value)
+
+
+def _fields_match(plural: str, selector: str, obj: Obj) -> bool:
+    allowed = ("metadata.name", "metadata.namespace", *FIELD_SELECTORS.get(plural, ()))
     for term in filter(None, (t.strip() for t in selector.split(","))):
-        key, _, value = term.replace("==", "=").partition("=")
-        if key not in ("metadata.name", "metadata.namespace"):
+        if "!=" in term:
+            key, value = term.split("!=", 1)
+            wanted = False
+        else:
+            key, _, value = term.replace("==", "=").partition("=")
+            wanted = True
+        if key not in allowed:
             raise ApiError(400, "BadRequest", f'field label not supported: "{key}"')
-        if meta.get(key.split(".", 1)[1], "") != value:
+        if (_field_value(obj, key) == value) != wanted:
             return False
     return True
 
@@ -141,6 +166,7 @@ class Event:
     plural: str
     type: str
     obj: Obj
+    prev: Obj | None  # the object before this change (a deletion: the deleted object)
 
 
 class Store:
@@ -154,8 +180,8 @@ class Store:
         self.oldest_rv = 1  # a watch from below this is answered 410 Gone
         self.history_limit = 10_000
 
-    def _record(self, plural: str, type_: str, obj: Obj) -> None:
-        self.events.append(Event(self.rv, plural, type_, copy.deepcopy(obj)))
+    def _record(self, plural: str, type_: str, obj: Obj, prev: Obj | None) -> None:
+        self.events.append(Event(self.rv, plural, type_, copy.deepcopy(obj), prev))
         if len(self.events) > self.history_limit:
             dropped = self.events[: len(self.events) - self.history_limit]
             del self.events[: len(dropped)]
@@ -210,7 +236,7 @@ class Store:
             obj["apiVersion"], obj["kind"] = res.api_version, res.kind
             self._bump(obj)
             self.objects[plural][key] = obj
-            self._record(plural, type_, obj)
+            self._record(plural, type_, obj, old)
             return copy.deepcopy(obj)
 
     def delete(self, plural: str, namespace: str, name: str) -> Obj:
@@ -219,21 +245,21 @@ class Store:
             if obj is None:
                 raise ApiError(404, "NotFound", f'{plural} "{name}" not found')
             self._bump(obj)
-            self._record(plural, "DELETED", obj)
+            self._record(plural, "DELETED", obj, obj)
             return copy.deepcopy(obj)
 
     def patch_status(self, plural: str, namespace: str, name: str, patch: Obj) -> Obj:
         with self.cond:
-            obj = self.objects[plural].get((namespace, name))
-            if obj is None:
+            old = self.objects[plural].get((namespace, name))
+            if old is None:
                 raise ApiError(404, "NotFound", f'{plural} "{name}" not found')
             if set(patch) - {"status", "metadata", "apiVersion", "kind"}:
                 raise ApiError(400, "BadRequest", "only status may be patched on /status")
-            obj = copy.deepcopy(obj)
+            obj = copy.deepcopy(old)
             obj["status"] = merge_patch(obj.get("status", {}), patch.get("status", {}))
             self._bump(obj)
             self.objects[plural][(namespace, name)] = obj
-            self._record(plural, "MODIFIED", obj)
+            self._record(plural, "MODIFIED", obj, old)
             return copy.deepcopy(obj)
 
     def get(self, plural: str, namespace: str, name: str) -> Obj:
@@ -252,7 +278,7 @@ class Store:
                 query.get("labelSelector", ""), obj["metadata"].get("labels") or {}
             ):
                 continue
-            if not _fields_match(query.get("fieldSelector", ""), obj):
+            if not _fields_match(plural, query.get("fieldSelector", ""), obj):
                 continue
             found.append(obj)
         return found
@@ -536,31 +562,21 @@ class _Handler(BaseHTTPRequestHandler):
             next_bookmark = time.monotonic() + self.api.bookmark_interval_s
             while True:
                 with store.cond:
-                    pending = [
-                        e
-                        for e in store.events
-                        if e.rv > since and e.plural == res.plural and self._wanted(e, ns, query)
-                    ]
+                    pending = self._pending(since, res, ns, query)
                     if not pending:
                         wait = min(deadline, next_bookmark) - time.monotonic()
                         if wait > 0 and api._generation == generation:
                             store.cond.wait(wait)
-                        pending = [
-                            e
-                            for e in store.events
-                            if e.rv > since
-                            and e.plural == res.plural
-                            and self._wanted(e, ns, query)
-                        ]
+                        pending = self._pending(since, res, ns, query)
                     current = store.rv
                     broken = api._generation != generation
                 if broken:  # cut without the final chunk, as a dropped connection is
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
-                for event in pending:
-                    self._event(event.type, event.obj)
-                    since = event.rv
+                for rv, type_, obj in pending:
+                    self._event(type_, obj)
+                    since = rv
                 now = time.monotonic()
                 if bookmarks and now >= next_bookmark:
                     since = max(since, current)
@@ -576,14 +592,43 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError, OSError):
             return
 
-    @staticmethod
-    def _wanted(event: Event, ns: str | None, query: dict[str, str]) -> bool:
-        meta = event.obj.get("metadata", {})
-        if ns and meta.get("namespace") != ns:
-            return False
-        if not _selector_matches(query.get("labelSelector", ""), meta.get("labels") or {}):
-            return False
-        return _fields_match(query.get("fieldSelector", ""), event.obj)
+    def _pending(
+        self, since: int, res: Resource, ns: str | None, query: dict[str, str]
+    ) -> list[tuple[int, str, Obj]]:
+        """(resourceVersion, type, object) of each event after ``since`` this watch sends."""
+        found = []
+        for event in self.api.store.events:
+            if event.rv > since and event.plural == res.plural:
+                converted = _as_seen(event, ns, query)
+                if converted is not None:
+                    found.append((event.rv, *converted))
+        return found
+
+
+def _matches(obj: Obj | None, plural: str, ns: str | None, query: dict[str, str]) -> bool:
+    if obj is None:
+        return False
+    meta = obj.get("metadata", {})
+    if ns and meta.get("namespace") != ns:
+        return False
+    if not _selector_matches(query.get("labelSelector", ""), meta.get("labels") or {}):
+        return False
+    return _fields_match(plural, query.get("fieldSelector", ""), obj)
+
+
+def _as_seen(event: Event, ns: str | None, query: dict[str, str]) -> tuple[str, Obj] | None:
+    """The event as a watch with these selectors gets it, or None: an object that starts to
+    match is ADDED, one that stops matching is DELETED in its last matching state."""
+    now = event.type != "DELETED" and _matches(event.obj, event.plural, ns, query)
+    before = _matches(event.prev, event.plural, ns, query)
+    if now:
+        return ("MODIFIED" if before else "ADDED"), event.obj
+    if not before:
+        return None
+    assert event.prev is not None  # it matched
+    last = copy.deepcopy(event.prev)
+    last["metadata"]["resourceVersion"] = str(event.rv)
+    return "DELETED", last
 
 
 def kubeconfig(server_url: str) -> str:

@@ -620,3 +620,49 @@ def test_no_allowed_decision_is_logged_at_info_by_default() -> None:
     lines = stream.getvalue().splitlines()
     assert [line for line in lines if "verdict=allow" in line] == []
     assert len([line for line in lines if "verdict=deny" in line]) == 1
+
+
+# -- passthrough domains: the cluster's own names -----------------------------------------------
+
+CLUSTER_ZONE = ZONE + (
+    "\nkube-dns.kube-system.svc.cluster.local. 30 A 192.0.2.53"
+    "\ncluster.local. 30 A 192.0.2.54"
+    "\nevilcluster.local. 30 A 203.0.113.66\n"
+)
+
+
+def test_names_at_or_under_a_passthrough_domain_are_forwarded_without_a_decision(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # analytics' policy allows no name at all: passthrough names resolve anyway
+    env = Env(zone=CLUSTER_ZONE, passthrough_domains=("Cluster.Local.",), log_allowed_per_second=10)
+    passed = _sample("egressgw_dns_queries_total", verdict="passthrough", reason="resolved")
+    with caplog.at_level("DEBUG", logger="egressgw.dns"):
+        under = env.ask("KUBE-DNS.kube-system.svc.cluster.local", source=ETL)
+        at = env.ask("cluster.local", source=ETL)
+    assert addresses(under) == ["192.0.2.53"] and addresses(at) == ["192.0.2.54"]
+    assert env.upstream.asked["kube-dns.kube-system.svc.cluster.local"] == 1
+    assert env.datapath.learned == {} and env.datapath.batches == 0
+    assert not [r for r in caplog.records if "dns decision" in r.getMessage()]
+    assert list(env.interceptor.recent_denials) == []
+    after = _sample("egressgw_dns_queries_total", verdict="passthrough", reason="resolved")
+    assert after == passed + 2
+
+
+def test_a_name_that_only_ends_in_the_same_letters_is_decided_by_policy() -> None:
+    env = Env(zone=CLUSTER_ZONE, passthrough_domains=("cluster.local",))
+    reply = env.ask("evilcluster.local", source=ETL)
+    assert reply.header.rcode == RCODE.NXDOMAIN
+    assert env.upstream.asked["evilcluster.local"] == 0
+
+
+def test_passthrough_does_not_answer_unknown_sources() -> None:
+    env = Env(zone=CLUSTER_ZONE, passthrough_domains=("cluster.local",))
+    reply = env.ask("kube-dns.kube-system.svc.cluster.local", source=IP("192.0.2.99"))
+    assert reply.header.rcode == RCODE.REFUSED
+    assert env.upstream.asked["kube-dns.kube-system.svc.cluster.local"] == 0
+
+
+def test_a_passthrough_domain_that_is_no_name_is_refused_at_start() -> None:
+    with pytest.raises(ValueError, match="empty"):
+        Env(passthrough_domains=(".",))  # the root would pass every name through

@@ -397,3 +397,77 @@ def test_make_test_installs_what_the_tests_need(tmp_path: Path) -> None:
         assert f" {needed} " in planned, needed
     assert "-e '.[test]'" in planned
     assert "pytest" in planned
+
+
+# -- a gateway node: tunnel flags, passthrough domains ----------------------------------------
+
+
+def test_tunnel_and_passthrough_flags_of_run_reach_the_daemon(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from egressgw.datapath.tunnel import TunnelSettings
+
+    seen: list[Settings] = []
+
+    class Recorder:
+        def __init__(self, settings: Settings, kube: object = None) -> None:
+            seen.append(settings)
+
+        async def run(self) -> int:
+            return 0
+
+    monkeypatch.setattr(app, "build_gateway", Recorder)
+    argv = ["run", "--manifests", str(tmp_path), "--uplink", "up0", "--node-name", "gw-a"]
+    argv += ["--tunnel-vni", "42", "--tunnel-port", "4790", "--tunnel-device", "egwx"]
+    argv += ["--passthrough-domain", "Cluster.Local.", "--passthrough-domain", "svc.example"]
+    assert run(capsys, *argv)[0] == 0
+    (settings,) = seen
+    assert settings.node_name == "gw-a"
+    assert settings.tunnel == TunnelSettings(device="egwx", vni=42, port=4790)
+    assert settings.dns.passthrough_domains == ("cluster.local", "svc.example")
+    assert run(capsys, "run", "--manifests", str(tmp_path), "--uplink", "up0")[0] == 0
+    assert seen[1].tunnel == TunnelSettings()
+
+
+@pytest.mark.parametrize(
+    ("domain", "why"),
+    [(".", "the DNS name is empty"), ("*.cluster.local", 'label "*" has invalid characters')],
+)
+def test_a_passthrough_domain_that_is_no_name_is_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, domain: str, why: str
+) -> None:
+    argv = ["run", "--manifests", str(tmp_path), "--uplink", "up0"]
+    code, out, err = run(capsys, *argv, "--passthrough-domain", domain)
+    assert (code, out) == (2, "")
+    (line,) = err.splitlines()
+    assert line.startswith(
+        f"egressgw run: argument --passthrough-domain: invalid domain {domain!r}"
+    )
+    assert why in line and line.endswith("(see egressgw run --help)")
+
+
+def test_a_gateway_node_with_an_upstream_needs_a_dns_listen_address(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    argv = ["run", "--manifests", str(tmp_path), "--uplink", "up0", "--node-name", "gw-a"]
+    code, out, err = run(capsys, *argv, "--upstream", "192.0.2.53:53")
+    assert (code, out) == (2, "")
+    assert err.splitlines() == [
+        "egressgw run: --upstream on a gateway node needs --dns-listen: the DNS that comes "
+        "through the tunnel is answered there"
+    ]
+
+
+def test_run_help_names_the_tunnel_flags_with_their_units(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, _ = run(capsys, "run", "--help")
+    assert code == 0
+    text = " ".join(out.split())
+    for expected in (
+        "--tunnel-device NAME name of the VXLAN interface on this node (default: egw0)",
+        "--tunnel-vni VNI VXLAN network identifier, 1 to 16777215",
+        "--tunnel-port PORT UDP port the tunnel's packets use",
+        "--passthrough-domain DOMAIN forward names at or under DOMAIN to the upstream",
+    ):
+        assert expected in text, expected
