@@ -5,7 +5,8 @@ atomically replaces the rules of the chains, keeping every set and its elements 
 ``add`` for the table and sets and never flushes a set. Loaded at start (and on upgrade) by
 ``nft -f -`` as one transaction; everything that varies afterwards is a set or map element.
 
-Per packet leaving through the uplink on a new flow:
+Per packet leaving through the uplink: one conntrack cannot place (invalid) is dropped, since NAT
+would skip it; then, on a new flow:
   workload address -> identity (a meta mark), unknown source -> reject;
   identity without an egress IP held here -> drop (never masqueraded to the node address);
   (identity . daddr . proto . dport) in a Deny set -> reject (or log and accept in Audit);
@@ -91,6 +92,9 @@ SET_SPECS = {spec.name: spec for spec in set_specs()}
 def _forward_rules(uplink: str) -> list[str]:
     rules = [
         f'oifname != "{uplink}" return',
+        # a packet conntrack cannot place (a lone RST, an ACK of a flow it never saw) skips NAT:
+        # it would leave with the workload's own address
+        "ct state invalid counter drop",
         # established packets of a workload's flow are counted under the identity kept in ct mark
         "ct state established,related ct mark @acct_accepted accept",
         "ct state established,related accept",
