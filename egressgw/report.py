@@ -1,9 +1,10 @@
 """Egress IPs per gateway: what an external firewall must allow for each project.
 
 In: a Snapshot (from manifests or the running daemon's last one) and, from the daemon, which
-egress IPs this node holds. Out: ``GatewayEgress`` rows, and the same rows as a table, JSON or
-CSV. JSON is also what ``/v1/egress-ips`` serves, so ``egressgw egress-ips --url`` reads it back
-with ``from_json`` and prints it the same way. Pure: no I/O.
+egress IPs the node asked holds and which node holds each one, as far as it knows. Out:
+``GatewayEgress`` rows, and the same rows as a table, JSON or CSV. JSON is also what
+``/v1/egress-ips`` serves, so ``egressgw egress-ips --url`` reads it back with ``from_json`` and
+prints it the same way. Pure: no I/O.
 
 A gateway's namespaces are those whose labels match its namespaceSelector, among the Namespaces
 of the snapshot and the namespaces of its pods; a podSelector may narrow that to some pods.
@@ -29,8 +30,8 @@ HeldBy = Callable[[EgressGateway, IPAddress], bool]
 class EgressIP:
     address: str
     family: int  # 4 or 6
-    held: bool | None = None  # None: not known (read from manifests, not from a daemon)
-    node: str | None = None  # the node that answered, when ``held`` is known
+    held: bool | None = None  # whether the node asked holds it; None: not known (manifests)
+    node: str | None = None  # the node that holds it; None: not known (or nobody holds it)
 
 
 @dataclass(frozen=True)
@@ -43,9 +44,17 @@ class GatewayEgress:
 
 
 def gateway_egress(
-    snapshot: Snapshot, held: HeldBy | None = None, node: str | None = None
+    snapshot: Snapshot,
+    held: HeldBy | None = None,
+    *,
+    holders: Mapping[IPAddress, str] | None = None,
 ) -> list[GatewayEgress]:
-    """Every gateway of ``snapshot``, sorted by name, with its namespaces and egress IPs."""
+    """Every gateway of ``snapshot``, sorted by name, with its namespaces and egress IPs.
+
+    ``held`` says whether the node asked holds an address; ``holders`` names the node that
+    holds each address, for those whose holder is known (the node asked, or another one).
+    """
+    known = holders or {}
     namespaces = sorted(set(snapshot.namespaces) | {p.namespace for p in snapshot.pods})
     labels = {ns: namespace_labels(snapshot, ns) for ns in namespaces}
     rows = []
@@ -56,7 +65,7 @@ def gateway_egress(
                 str(address),
                 address.version,
                 held(gateway, address) if held is not None else None,
-                node if held is not None else None,
+                known.get(address),
             )
             for address in gateway.egress_ips
         )

@@ -414,10 +414,14 @@ class Daemon:
         return snapshot
 
     def egress_ips(self) -> dict[str, Any]:
-        """Every gateway with its namespaces and egress IPs, and whether this node holds them."""
-        held = self.held
-        rows = gateway_egress(self._snapshot(), lambda _g, a: a in held, self.node)
-        return to_json(rows)
+        """Every gateway with its namespaces and egress IPs, whether this node holds them and
+        which node does: on a gateway node as its tunnel knows it (the manifests' choice, or
+        the Leases' holders), else this node for what it holds and nobody known for the rest."""
+        snapshot = self._snapshot()
+        held = frozenset(self.held)
+        node = self.gateway_node
+        holders = node.holders(held) if node is not None else dict.fromkeys(held, self.node)
+        return to_json(gateway_egress(snapshot, lambda _g, a: a in held, holders=holders))
 
     def explain(self, query: Query) -> Explanation:
         return explain(self._snapshot(), query)

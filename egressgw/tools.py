@@ -350,8 +350,9 @@ def add_parsers(sub: Any) -> None:
         "egress-ips",
         help="every gateway with its namespaces and egress IPs (for firewall allowlists)",
         description="Every gateway with its namespaces and egress IPs, and (from a daemon) "
-        "whether this node holds them. Exit status: 0, or 2 when the manifests or the daemon "
-        "cannot be read.",
+        "whether the node asked holds each one (HELD) and which node holds it, as far as that "
+        "daemon knows (NODE; '-' when not known). Exit status: 0, or 2 when the manifests or the "
+        "daemon cannot be read.",
     )
     ips.add_argument(
         "--format",

@@ -4,8 +4,11 @@ of a cluster would see. Time is the fake's; nothing here sleeps."""
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import ipaddress
 import logging
+import socket
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +23,8 @@ from egressgw.identity import IdentityRegistry
 from egressgw.plan import build
 from egressgw.policy.load import build_snapshot, parse_manifest
 from egressgw.policy.model import IPAddress, Snapshot
-from egressgw.runtime import GatewayNode, Settings
+from egressgw.report import format_rows, from_json
+from egressgw.runtime import Daemon, GatewayNode, Settings
 from egressgw.steering import manifest_holders
 from egressgw.testing.agent import (
     FakeAgentDatapath,
@@ -487,6 +491,55 @@ def test_build_gateway_with_a_node_name_uses_the_node_for_ownership_and_the_dns_
     assert node.dns_listen == (("203.0.113.11", 53),)
     plain = app.build_gateway(Settings(uplink="up0"), source=SnapshotFeed())
     assert plain.daemon.gateway_node is None  # without --node-name: as before
+
+
+def _egress_ips_csv(daemon: Daemon) -> list[tuple[str, str, str]]:
+    """(egress IP, held, node) of each row, as ``egressgw egress-ips --url ... --format csv``
+    prints what the daemon's /v1/egress-ips serves."""
+    text = format_rows(from_json(daemon.egress_ips()), "csv")
+    return [
+        (row["egress_ip"], row["held"], row["node"]) for row in csv.DictReader(io.StringIO(text))
+    ]
+
+
+def test_egress_ips_names_the_node_that_holds_each_ip_not_the_node_asked() -> None:
+    # Manifests with Nodes: gw-a holds payments' IPs, gw-b analytics'. Ask gw-a.
+    gateway = app.build_gateway(Settings(uplink="up0", node_name="gw-a"), source=SnapshotFeed())
+    daemon, node = gateway.daemon, gateway.daemon.gateway_node
+    assert node is not None
+    node.see(FULL)  # as an apply does, before it records what it holds
+    daemon.last_snapshot, daemon.held = FULL, {PAYMENTS4, PAYMENTS6}
+    assert _egress_ips_csv(daemon) == [
+        ("198.51.100.20", "no", "gw-b"),
+        ("198.51.100.10", "yes", "gw-a"),
+        ("2001:db8:100::10", "yes", "gw-a"),
+    ]
+
+
+def test_in_kubernetes_mode_egress_ips_names_the_lease_holder_or_nobody() -> None:
+    # gw-b holds analytics' IP; payments' IPv4 Lease names gw-a; its IPv6 one has no Lease yet
+    leases = {PAYMENTS4: "gw-a", ANALYTICS4: "gw-b"}
+    daemon = app.build_gateway(Settings(uplink="up0"), source=SnapshotFeed()).daemon
+    daemon.gateway_node = GatewayNode(
+        "gw-b", FakeGatewayTunnel, manifests=False, others=lambda: leases
+    )
+    daemon.last_snapshot, daemon.held = FULL, {ANALYTICS4}
+    assert _egress_ips_csv(daemon) == [
+        ("198.51.100.20", "yes", "gw-b"),
+        ("198.51.100.10", "no", "gw-a"),
+        ("2001:db8:100::10", "no", "-"),
+    ]
+
+
+def test_without_a_node_name_egress_ips_names_this_node_only_for_what_it_holds() -> None:
+    daemon = app.build_gateway(Settings(uplink="up0"), source=SnapshotFeed()).daemon
+    daemon.last_snapshot, daemon.held = FULL, {PAYMENTS4, ANALYTICS4}
+    host = socket.gethostname()
+    assert _egress_ips_csv(daemon) == [
+        ("198.51.100.20", "yes", host),
+        ("198.51.100.10", "yes", host),
+        ("2001:db8:100::10", "no", "-"),
+    ]
 
 
 def test_the_tunnels_dns_goes_to_the_first_listen_address_of_each_family() -> None:

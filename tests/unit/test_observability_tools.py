@@ -11,6 +11,7 @@ import csv
 import io
 import json
 from collections.abc import Sequence
+from ipaddress import ip_address
 from pathlib import Path
 
 import pytest
@@ -215,8 +216,12 @@ class FakeDaemon:
     def egress_ips(self) -> dict[str, object]:
         if not self.ready:
             raise NotReady("desired state not loaded yet")
+        # this daemon (gw-1) holds payments' IPv4 address; gw-2 holds its IPv6 one; analytics'
+        # holder is not known here
         held = {"198.51.100.10"}
-        return to_json(gateway_egress(SNAPSHOT, lambda _g, a: str(a) in held, "gw-1"))
+        holders = {ip_address("198.51.100.10"): "gw-1", ip_address("2001:db8:100::10"): "gw-2"}
+        rows = gateway_egress(SNAPSHOT, lambda _g, a: str(a) in held, holders=holders)
+        return to_json(rows)
 
     def explain(self, query: Query) -> Explanation:
         if not self.ready:
@@ -249,8 +254,10 @@ def test_operator_api_before_and_after_the_first_sync() -> None:
         payments = next(g for g in body["gateways"] if g["gateway"] == "payments")
         assert [(i["address"], i["held"], i["node"]) for i in payments["egressIPs"]] == [
             ("198.51.100.10", True, "gw-1"),
-            ("2001:db8:100::10", False, "gw-1"),
+            ("2001:db8:100::10", False, "gw-2"),
         ]
+        analytics = next(g for g in body["gateways"] if g["gateway"] == "analytics")
+        assert [(i["held"], i["node"]) for i in analytics["egressIPs"]] == [(False, None)]
         params = {"namespace": "payments", "pod": "api-0", "host": "db.example.com"}
         reply = await client.get("/v1/explain", params={**params, "port": "5432"})
         assert reply.status == 200
@@ -294,7 +301,11 @@ def test_cli_reads_a_running_daemon(capsys: pytest.CaptureFixture[str]) -> None:
     asyncio.run(_with_client(daemon, check))
     (ips_code, ips, _), (deny_code, deny, _), (unknown_code, _, unknown) = results
     assert ips_code == 0
-    assert "payments,payments payments-batch,198.51.100.10,IPv4,yes,gw-1" in ips.splitlines()
+    assert ips.splitlines()[1:] == [
+        "analytics,analytics,198.51.100.20,IPv4,no,-",
+        "payments,payments payments-batch,198.51.100.10,IPv4,yes,gw-1",
+        "payments,payments payments-batch,2001:db8:100::10,IPv6,no,gw-2",
+    ]
     assert deny_code == 1 and fields(deny)["rule"] == "payments/database#1"
     assert unknown_code == 2
     assert "404: no pod 'api-9' in namespace 'payments' (pods there: api-0)" in unknown
