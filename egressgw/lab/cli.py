@@ -1,4 +1,4 @@
-"""``egressgw lab up|demo|status|down``: the lab from the command line.
+"""``egressgw lab up|demo|status|node-down|node-up|down``: the lab from the command line.
 
 In: parsed arguments. Out: text on stdout/stderr and an exit code (0 success, 1 a demo row did not
 match or a step failed, 2 the lab cannot run here). ``add_lab_parser`` hangs these commands under
@@ -25,19 +25,26 @@ from egressgw.lab.lab import Lab, down, is_alive
 from egressgw.lab.netns import LabError
 from egressgw.lab.state import state_dir
 from egressgw.lab.topology import (
+    CLUSTER_DNS_V4,
+    CLUSTER_DNS_V6,
     DAEMON_HTTP_LISTEN,
     DEFAULT_LAB_NAME,
-    PODS,
-    TRANSIT_GATEWAY_V4,
-    TRANSIT_GATEWAY_V6,
+    GATEWAYS,
+    NODES,
+    ROUTER_V4,
+    WORKERS,
     NetnsNames,
+    gateway_of,
+    pod_by_key,
+    pods_on,
 )
 
 
 def add_lab_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     lab = subparsers.add_parser(
         "lab",
-        help="a small cluster in network namespaces: pods, a gateway, an external network",
+        help="a small cluster in network namespaces: workers with pods, gateway nodes, a node "
+        "router, a cluster DNS, an external network",
         description=__doc__,
     )
     sub = lab.add_subparsers(dest="lab_command", required=True, metavar="COMMAND")
@@ -54,28 +61,34 @@ def add_lab_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     up = with_name(
         sub.add_parser(
             "up",
-            help="build the lab and start the daemon",
-            description="Build the lab, start the daemon, and print commands to try. Exit "
-            "status: 0 up, 1 a step failed, 2 the lab cannot run here.",
+            help="build the lab and start egressgw on its nodes",
+            description="Build the lab, start `egressgw agent` on the workers and `egressgw run` "
+            "on the gateway nodes, and print commands to try. Exit status: 0 up, 1 a step "
+            "failed, 2 the lab cannot run here.",
         )
     )
     up.add_argument("--policies", type=Path, metavar="DIR", help=policies_help)
-    up.add_argument("--no-daemon", action="store_true", help="build the network and servers only")
+    up.add_argument(
+        "--no-daemon",
+        action="store_true",
+        help="build the network and servers only (every pod leaves through the node router)",
+    )
     up.add_argument(
         "--daemon-arg",
         action="append",
         default=[],
         metavar="ARG",
-        help="extra argument for `egressgw run`; repeatable",
+        help="extra argument for the gateway nodes' `egressgw run`; repeatable",
     )
     up.set_defaults(func=lab_up)
 
     run_demo = with_name(
         sub.add_parser(
             "demo",
-            help="bring the lab up, probe every pod, report",
+            help="bring the lab up, probe every pod, fail a gateway node, report",
             description="Bring the lab up (or use the one that is up), probe every pod, print "
-            "a table of what happened. Exit status: 0 every row as expected, 1 a row did not "
+            "a table of what happened; then take the gateway node that holds payments' egress "
+            "IPs down and probe again. Exit status: 0 every row as expected, 1 a row did not "
             "match or a step failed, 2 the lab cannot run here.",
         )
     )
@@ -90,6 +103,33 @@ def add_lab_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
     status = with_name(sub.add_parser("status", help="namespaces, processes and addresses"))
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=lab_status)
+
+    node_names = [node.name for node in NODES]
+    node_down = with_name(
+        sub.add_parser(
+            "node-down",
+            help="fail a node: kill its egressgw, unplug it from its networks",
+            description="Fail a node of a lab that is up: its egressgw is killed (kill -9) and "
+            "the node is unplugged from the node network (and a gateway from the external "
+            "network); its kernel state stays. Exit status: 0 done, 1 it failed.",
+        )
+    )
+    node_down.add_argument(
+        "node", choices=node_names, help=f"the node to fail: {', '.join(node_names)}"
+    )
+    node_down.set_defaults(func=lab_node_down)
+    node_up = with_name(
+        sub.add_parser(
+            "node-up",
+            help="undo node-down: plug the node back, start its egressgw",
+            description="Plug a node back in and start its egressgw again (if the lab runs "
+            "egressgw). Exit status: 0 ready, 1 it failed.",
+        )
+    )
+    node_up.add_argument(
+        "node", choices=node_names, help=f"the node to bring back: {', '.join(node_names)}"
+    )
+    node_up.set_defaults(func=lab_node_up)
 
     tear = with_name(sub.add_parser("down", help="stop the lab's processes, delete its namespaces"))
     tear.set_defaults(func=lab_down)
@@ -146,33 +186,49 @@ def usage(name: str, statedir: Path | None = None, *, daemon: bool = True) -> st
     """What to try in the lab named ``name``: commands that run as printed, as root."""
     n = NetnsNames(name)
     manifests = (statedir or state_dir(name)) / "manifests"
-    pod = PODS[0]
+    api_0, api_1 = pod_by_key("payments/api-0"), pod_by_key("payments/api-1")
+    etl_1, shell_0 = pod_by_key("analytics/etl-1"), pod_by_key("sandbox/shell-0")
+    payments_gw, analytics_gw = gateway_of("payments"), gateway_of("analytics")
     egressgw = egressgw_command()
     url = f"http://{DAEMON_HTTP_LISTEN}"
-    in_gw = f"ip netns exec {n.gateway}"
+    in_payments_gw = f"ip netns exec {n.node(payments_gw.name)}"
+    in_analytics_gw = f"ip netns exec {n.node(analytics_gw.name)}"
     lines = [
         "namespaces: " + " ".join(n.all()),
-        f"try:  ip netns exec {n.pod(pod)} psql -h db.lab.example -U postgres orders"
+        *(
+            f"node: {w.name} ({n.node(w.name)}): pods "
+            + " ".join(f"{p.key} ({n.pod(p)})" for p in pods_on(w.name))
+            for w in WORKERS
+        ),
+        *(f"node: {g.name} ({n.node(g.name)}): holds {g.project}' egress IPs" for g in GATEWAYS),
+        f"try:  ip netns exec {n.pod(api_0)} psql -h db.lab.example -U postgres orders"
         ' -c "select inet_client_addr()"',
-        f"      ip netns exec {n.pod(pod)} curl http://web.lab.example/",
-        f"      ip netns exec {n.pod(pod)} getent hosts blocked.lab.example"
+        f"      ip netns exec {n.pod(api_1)} curl -s http://web.lab.example/",
+        f"      ip netns exec {n.pod(api_0)} getent hosts blocked.lab.example"
         "   # NXDOMAIN: exit status 2",
+        f"      ip netns exec {n.pod(etl_1)} getent hosts shell-0.shell.sandbox"
+        "   # a cluster.local name, through the search list",
+        f"      ip netns exec {n.pod(shell_0)} curl -s http://web.lab.example/"
+        f"   # not selected: leaves as the node router, {ROUTER_V4}",
         f"ask:  {egressgw} policy check {manifests}",
         f"      {egressgw} explain --manifests {manifests} --namespace payments --pod api-0"
         " --host db.lab.example --port 5432",
     ]
     if daemon:
         lines += [
-            f"      {in_gw} {egressgw} explain --url {url} --namespace analytics --pod etl-0"
-            " --host web.lab.example --port 80   # denied: exit status 1",
-            f"      {in_gw} {egressgw} egress-ips --url {url}",
-            f"      {in_gw} curl -s '{url}/v1/decisions?limit=5'   # recent DNS denials",
-            f"      {in_gw} curl -s {url}/metrics | grep '^egressgw_dns_queries_total'",
-            "dns:  pods resolve through egressgw's interceptor (their resolv.conf: "
-            f"{TRANSIT_GATEWAY_V4}, {TRANSIT_GATEWAY_V6})",
+            f"      {in_analytics_gw} {egressgw} explain --url {url} --namespace analytics"
+            " --pod etl-0 --host web.lab.example --port 80   # denied: exit status 1",
+            f"      {in_payments_gw} {egressgw} egress-ips --url {url}",
+            f"      {in_payments_gw} curl -s '{url}/v1/decisions?limit=5'   # recent DNS denials",
+            f"      {in_payments_gw} curl -s {url}/metrics | grep '^egressgw_dns_queries_total'",
+            "dns:  pods ask the cluster DNS (their resolv.conf: "
+            f"{CLUSTER_DNS_V4}, {CLUSTER_DNS_V6}, search list, ndots:5); a selected pod's"
+            " query is answered by its gateway node",
+            f"fail: {egressgw} lab node-down --name {name} {payments_gw.name}"
+            f"   # payments fails closed; node-up --name {name} {payments_gw.name} brings it back",
         ]
     lines += [
-        f"logs: {manifests.parent}/{{egressgw,postgres,httpd,dnsmasq}}.log",
+        f"logs: {manifests.parent}/{{egressgw-<node>,postgres,httpd,dnsmasq,cluster-dns}}.log",
         f"stop: {egressgw} lab down --name {name}",
     ]
     return "\n".join(lines)
@@ -180,8 +236,8 @@ def usage(name: str, statedir: Path | None = None, *, daemon: bool = True) -> st
 
 def lab_demo(args: argparse.Namespace) -> int:
     problem = _preflight()
-    if problem is None and not services.daemon_available():
-        problem = "`python -m egressgw run` is not available in this checkout"
+    if problem is None:
+        problem = services.cluster_available()
     if problem:
         print(f"egressgw lab demo: {problem}", file=sys.stderr)
         return 2
@@ -193,6 +249,8 @@ def lab_demo(args: argparse.Namespace) -> int:
         if is_alive(args.name):
             lab = Lab.attach(args.name)
             print(f"using lab {args.name!r}, which is already up")
+            for node in list(lab.state.down_nodes):
+                lab.bring_node_up(node)
             if not lab.daemon_alive():
                 lab.start_daemon()
         else:
@@ -201,18 +259,18 @@ def lab_demo(args: argparse.Namespace) -> int:
             daemon_s = lab.state.timings_s.get("daemon_ready", 0.0)
             print(
                 f"lab {args.name!r} up after {time.monotonic() - start:.1f}s"
-                f" (daemon ready {daemon_s:.1f}s after start)"
+                f" (egressgw ready on every node {daemon_s:.1f}s after the start)"
             )
         lab.wait_daemon_ready()
         print()
-        results = demo.run_checks(lab)
-        print(demo.format_table(results))
+        keep = args.keep or not created
+        results = demo.run_demo(lab, print, bring_back=keep)
         failures = demo.format_failures(results)
         passed = sum(r.ok for r in results)
         print(f"\n{passed}/{len(results)} rows as expected")
         if failures:
             print(failures)
-            print(f"daemon log: {lab.daemon_log_path}")
+            print(f"egressgw logs: {lab.statedir}/egressgw-<node>.log")
         return 0 if not failures else 1
     except (LabError, ValueError) as exc:
         print(f"egressgw lab demo: {exc}", file=sys.stderr)
@@ -255,18 +313,43 @@ def lab_status(args: argparse.Namespace) -> int:
     print("processes:")
     for role, info in status["processes"].items():
         print(
-            f"  {role:<10} pid {info['pid']:<8} {'alive' if info['alive'] else 'DEAD'}"
+            f"  {role:<20} pid {info['pid']:<8} {'alive' if info['alive'] else 'DEAD'}"
             f"  log {info['log']}"
         )
+    if status["down_nodes"]:
+        print(f"nodes down: {' '.join(status['down_nodes'])} (egressgw lab node-up)")
     print("addresses:")
     for ns, lines in status["addresses"].items():
         for line in lines:
             if not line.startswith("lo ") or ns == lab.names.ext:
                 print(f"  {ns:<20} {' '.join(line.split())}")
+    down_roles = {f"egressgw-{node}" for node in status["down_nodes"]}
     healthy = all(status["namespaces"].values()) and all(
-        info["alive"] for info in status["processes"].values()
+        info["alive"] for role, info in status["processes"].items() if role not in down_roles
     )
     return 0 if healthy else 1
+
+
+def lab_node_down(args: argparse.Namespace) -> int:
+    try:
+        lab = Lab.attach(args.name)
+        lab.take_node_down(args.node)
+    except (LabError, ValueError) as exc:
+        print(f"egressgw lab node-down: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.node} is down: egressgw killed, unplugged (egressgw lab node-up to undo)")
+    return 0
+
+
+def lab_node_up(args: argparse.Namespace) -> int:
+    try:
+        lab = Lab.attach(args.name)
+        ready_s = lab.bring_node_up(args.node)
+    except (LabError, ValueError) as exc:
+        print(f"egressgw lab node-up: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.node} is up again (egressgw ready after {ready_s:.1f}s)")
+    return 0
 
 
 def lab_down(args: argparse.Namespace) -> int:

@@ -1,77 +1,65 @@
 """``Lab``: build, drive and remove the lab; the handle the demo and the end-to-end tests share.
 
-In: a lab name, a policies directory, whether to run the daemon. Out: network namespaces
-``<name>-{worker,gw,ext,api-0,etl-0,shell-0}``, servers in the external namespace, the daemon (with
-its DNS interceptor) in the gateway namespace, ``/etc/netns/<pod-ns>/resolv.conf`` for each pod
-pointing at that interceptor, and
-``/run/egressgw-lab/<name>/`` (state, logs, manifests, the PostgreSQL cluster). ``down`` removes
-all of it, by recorded state and by name, and is idempotent. Nothing is ever configured in the
-root network namespace: links are created from inside a lab namespace with their peer placed
-directly in another lab namespace.
+In: a lab name, a policies directory, whether to run egressgw. Out: the cluster of ``topology`` in
+network namespaces ``<name>-{router,dns,ext,worker-1,worker-2,gateway-1,gateway-2,<pod>...}``
+(``network`` wires them); servers in the external namespace (PostgreSQL, the HTTP echo server,
+dnsmasq), the cluster DNS on its host, an echo server in each unselected pod; ``egressgw agent`` on
+each worker and ``egressgw run --node-name`` on each gateway node; a Kubernetes-style
+``/etc/netns/<pod-ns>/resolv.conf`` for each pod (the cluster DNS, search list, ndots:5) and one
+naming the external DNS for every other namespace; and ``/run/egressgw-lab/<name>/`` (state, logs,
+manifests, the PostgreSQL cluster). ``take_node_down`` kills a node's egressgw and unplugs it;
+``bring_node_up`` undoes it. ``down`` removes all of it, by recorded state and by name, and is
+idempotent. Nothing is ever configured in the root network namespace.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from egressgw.lab import netns, services
+from egressgw.lab import netns, network, services
 from egressgw.lab.manifests import DEFAULT_POLICIES_DIR, write_atomically, write_manifests
 from egressgw.lab.netns import LabError
 from egressgw.lab.probes import Outcome, Verdict, classify_curl, classify_psql
 from egressgw.lab.sessions import HttpKeepAlive, PsqlSession
 from egressgw.lab.state import LabState, ProcessRecord, state_dir
 from egressgw.lab.topology import (
-    ANYIP_PREFIX_V6,
-    BRIDGE_IFNAME,
-    BRIDGE_V4,
-    BRIDGE_V6,
     DB_V4,
     DEFAULT_LAB_NAME,
-    DNS_BLACKHOLES,
-    EXT_IFNAME,
-    EXT_V4,
-    EXT_V6,
-    GATEWAY_NODE_V4,
-    GATEWAY_NODE_V6,
-    GATEWAY_ROUTE_TO_PODS_V4,
-    GATEWAY_ROUTE_TO_PODS_V6,
-    POD_PREFIX_V4,
-    POD_PREFIX_V6,
+    DNS_V4,
+    DNS_V6,
+    ECHO_PODS,
+    NODES,
+    PAYMENTS_GATEWAY,
+    POD_HTTP_PORT,
     PODS,
     POSTGRES_DATABASE,
     POSTGRES_PORT,
     POSTGRES_USER,
-    SERVICE_ADDRESSES,
-    SERVICE_IFNAME,
-    SERVICE_PREFIX_V4,
-    SERVICE_PREFIX_V6,
     STATE_ROOT,
-    TRANSIT_GATEWAY_V4,
-    TRANSIT_GATEWAY_V6,
-    TRANSIT_IFNAME,
-    TRANSIT_PREFIX_V4,
-    TRANSIT_PREFIX_V6,
-    TRANSIT_WORKER_V4,
-    TRANSIT_WORKER_V6,
     UPLINK_IFNAME,
-    UPLINK_PREFIX_V4,
-    UPLINK_PREFIX_V6,
     WEB_V4,
     WEB_V6,
+    WORKERS,
+    Gateway,
     LabPod,
     NetnsNames,
     check_lab_name,
+    node_by_name,
     pod_by_key,
+    pod_resolv_conf,
 )
 
 if TYPE_CHECKING:
@@ -80,32 +68,34 @@ if TYPE_CHECKING:
     from egressgw.lab.dnsquery import DnsResult
     from egressgw.lab.resolveconnect import Report
 
-DAEMON = "daemon"
 POSTGRES = "postgres"
 HTTPD = "httpd"
 DNSMASQ = "dnsmasq"
-# Stop order: the daemon first, so it never sees its servers vanish one by one.
-PROCESS_ROLES = (DAEMON, HTTPD, DNSMASQ, POSTGRES)
+CLUSTER_DNS = "cluster-dns"
 # PostgreSQL's fast shutdown is SIGINT (SIGTERM waits for clients to leave).
 STOP_SIGNALS = {POSTGRES: signal.SIGINT}
 
 DAEMON_READY_TIMEOUT_S = 30.0
-OBSERVER_TABLE = "egressgw_lab_observe"
+# Nodes and hosts that are no pod resolve through the external DNS (as a node's own resolver).
+NODE_RESOLV_CONF = f"nameserver {DNS_V4}\nnameserver {DNS_V6}\noptions timeout:1 attempts:1\n"
+# Short names for the places most tests look at.
+ALIASES = {"gw": PAYMENTS_GATEWAY, "gateway": PAYMENTS_GATEWAY, "worker": WORKERS[0].name}
+NODE_NAMES: tuple[str, ...] = tuple(node.name for node in NODES)
 
-# Sysctls per namespace. DAD is off everywhere so IPv6 addresses are usable at once.
-_NO_DAD = {
-    "net.ipv6.conf.all.accept_dad": "0",
-    "net.ipv6.conf.default.accept_dad": "0",
-    "net.ipv6.conf.all.accept_ra": "0",
-    "net.ipv6.conf.default.accept_ra": "0",
-}
-_FORWARDING = {"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1"}
 
-# Pods resolve through the gateway's DNS interceptor, over IPv4 first.
-RESOLV_CONF = (
-    f"nameserver {TRANSIT_GATEWAY_V4}\nnameserver {TRANSIT_GATEWAY_V6}\n"
-    "options timeout:1 attempts:1\n"
-)
+def echo_role(pod: LabPod) -> str:
+    return f"echo-{pod.name}"
+
+
+def egressgw_role(node: str) -> str:
+    return f"egressgw-{node}"
+
+
+def stop_order(roles: Sequence[str]) -> list[str]:
+    """egressgw first (so it never sees its servers vanish one by one), PostgreSQL last."""
+    first = [role for role in roles if role.startswith("egressgw-")]
+    last = [role for role in roles if role == POSTGRES]
+    return [*first, *(r for r in roles if r not in first and r not in last), *last]
 
 
 class Lab:
@@ -130,7 +120,11 @@ class Lab:
         root: str = STATE_ROOT,
         daemon_ready_timeout_s: float = DAEMON_READY_TIMEOUT_S,
     ) -> Lab:
-        """Build the whole lab; on any failure remove what was built and raise ``LabError``."""
+        """Build the whole lab; on any failure remove what was built and raise ``LabError``.
+
+        ``start_daemon`` runs egressgw on every node; ``daemon_args`` go to the gateways'
+        ``egressgw run``.
+        """
         check_lab_name(name)
         if policies is not None and not policies.is_dir():
             raise LabError(f"policies directory {policies} does not exist")
@@ -194,7 +188,7 @@ class Lab:
         postgres = services.Postgres(self.statedir)
         initdb = postgres.start_initdb()
         try:
-            self._build_network()
+            network.build(self.names, self._created)
             self._write_resolv_conf()
             self.state.timings_s["network"] = round(time.monotonic() - start, 3)
             postgres.finish_initdb(initdb)
@@ -213,15 +207,35 @@ class Lab:
             services.dnsmasq_argv(self.statedir),
             self.statedir / "dnsmasq.stderr",
         )
+        services.write_cluster_hosts(self.statedir)
+        self._start(
+            CLUSTER_DNS,
+            self.names.dns,
+            services.cluster_dns_argv(self.statedir),
+            self.statedir / "cluster-dns.stderr",
+        )
+        for pod in ECHO_PODS:
+            self._start(
+                echo_role(pod),
+                self.names.pod(pod),
+                services.pod_echo_argv(self.statedir, pod),
+                services.echo_log(self.statedir, pod),
+            )
         services.wait_until(postgres.is_ready, "postgres", self._alive(POSTGRES), postgres.log)
         ready_file = self.statedir / "httpd.ready"
         services.wait_until(
             ready_file.exists, "httpd", self._alive(HTTPD), self.statedir / "httpd.log"
         )
-        dns_log = self.statedir / "dnsmasq.log"
-        services.wait_until(
-            lambda: "started" in _read(dns_log), "dnsmasq", self._alive(DNSMASQ), dns_log
-        )
+        for role, log in ((DNSMASQ, "dnsmasq.log"), (CLUSTER_DNS, "cluster-dns.log")):
+            path = self.statedir / log
+            services.wait_until(partial(_logged, path, "started"), role, self._alive(role), path)
+        for pod in ECHO_PODS:
+            services.wait_until(
+                services.echo_ready_file(self.statedir, pod).exists,
+                f"echo server in {pod.key}",
+                self._alive(echo_role(pod)),
+                services.echo_log(self.statedir, pod),
+            )
         postgres.create_database()
         self.state.timings_s["servers"] = round(time.monotonic() - start, 3)
         write_manifests(self.manifests_dir, Path(self.state.policies_dir))
@@ -232,134 +246,20 @@ class Lab:
         self.state.ready = True
         self.state.save()
 
-    def _build_network(self) -> None:
-        n = self.names
-        for ns in n.all():
-            netns.add(ns)
-            self.state.namespaces.append(ns)
-            self.state.save()
-        for ns in n.all():
-            settings = dict(_NO_DAD)
-            if ns in (n.worker, n.gateway):
-                settings |= _FORWARDING
-            netns.sysctl(ns, settings)
-
-        # Veth pairs, each created inside a lab namespace with its peer placed in another one.
-        netns.ip_batch(
-            n.gateway,
-            [
-                f"link add {UPLINK_IFNAME} type veth peer name {EXT_IFNAME} netns {n.ext}",
-                f"link add {TRANSIT_IFNAME} type veth peer name {TRANSIT_IFNAME} netns {n.worker}",
-            ],
-        )
-        for pod in PODS:
-            netns.ip_batch(
-                n.pod(pod),
-                [f"link add eth0 type veth peer name {pod.worker_ifname} netns {n.worker}"],
-            )
-
-        netns.ip_batch(
-            n.ext,
-            [
-                *(
-                    f"addr add {a}/{SERVICE_PREFIX_V6} dev {SERVICE_IFNAME} nodad"
-                    if ":" in a
-                    else f"addr add {a}/{SERVICE_PREFIX_V4} dev {SERVICE_IFNAME}"
-                    for a in SERVICE_ADDRESSES
-                ),
-                # AnyIP: every address of this prefix is local, so each accepts connections.
-                f"route add local {ANYIP_PREFIX_V6} dev {SERVICE_IFNAME}",
-                f"addr add {EXT_V4}/{UPLINK_PREFIX_V4} dev {EXT_IFNAME}",
-                f"addr add {EXT_V6}/{UPLINK_PREFIX_V6} dev {EXT_IFNAME} nodad",
-                f"link set {EXT_IFNAME} up",
-                # No route back to the pods: traffic that escapes without SNAT gets no reply.
-            ],
-        )
-        netns.ip_batch(
-            n.worker,
-            [
-                f"link add {BRIDGE_IFNAME} type bridge forward_delay 0 stp_state 0",
-                f"addr add {BRIDGE_V4}/24 dev {BRIDGE_IFNAME}",
-                f"addr add {BRIDGE_V6}/64 dev {BRIDGE_IFNAME} nodad",
-                f"link set {BRIDGE_IFNAME} up",
-                *(f"link set {pod.worker_ifname} master {BRIDGE_IFNAME} up" for pod in PODS),
-                f"addr add {TRANSIT_WORKER_V4}/{TRANSIT_PREFIX_V4} dev {TRANSIT_IFNAME}",
-                f"addr add {TRANSIT_WORKER_V6}/{TRANSIT_PREFIX_V6} dev {TRANSIT_IFNAME} nodad",
-                f"link set {TRANSIT_IFNAME} up",
-            ],
-        )
-        netns.ip_batch(
-            n.gateway,
-            [
-                f"addr add {TRANSIT_GATEWAY_V4}/{TRANSIT_PREFIX_V4} dev {TRANSIT_IFNAME}",
-                f"addr add {TRANSIT_GATEWAY_V6}/{TRANSIT_PREFIX_V6} dev {TRANSIT_IFNAME} nodad",
-                f"link set {TRANSIT_IFNAME} up",
-                f"addr add {GATEWAY_NODE_V4}/{UPLINK_PREFIX_V4} dev {UPLINK_IFNAME}",
-                f"addr add {GATEWAY_NODE_V6}/{UPLINK_PREFIX_V6} dev {UPLINK_IFNAME} nodad",
-                f"link set {UPLINK_IFNAME} up",
-                f"route add {GATEWAY_ROUTE_TO_PODS_V4} via {TRANSIT_WORKER_V4}",
-                f"route add {GATEWAY_ROUTE_TO_PODS_V6} via {TRANSIT_WORKER_V6}",
-                f"route add default via {EXT_V4} dev {UPLINK_IFNAME}",
-                f"route add default via {EXT_V6} dev {UPLINK_IFNAME}",
-            ],
-        )
-        netns.ip_batch(
-            n.worker,
-            [
-                f"route add default via {TRANSIT_GATEWAY_V4} dev {TRANSIT_IFNAME}",
-                f"route add default via {TRANSIT_GATEWAY_V6} dev {TRANSIT_IFNAME}",
-            ],
-        )
-        for pod in PODS:
-            netns.ip_batch(
-                n.pod(pod),
-                [
-                    f"addr add {pod.ipv4}/{POD_PREFIX_V4} dev eth0",
-                    f"addr add {pod.ipv6}/{POD_PREFIX_V6} dev eth0 nodad",
-                    "link set eth0 up",
-                    f"route add default via {BRIDGE_V4} dev eth0",
-                    f"route add default via {BRIDGE_V6} dev eth0",
-                ],
-            )
-        self._install_observer()
-
-    def _install_observer(self) -> None:
-        """Counters in the external namespace for packets that arrive with a pod's own address,
-        and the filter that makes the blackhole DNS addresses swallow everything sent to them.
-
-        SNAT replaces every pod address on the way out, so any such packet escaped the gateway:
-        ``leaked_packets()`` reads these counters.
-        """
-        lines = [f"table inet {OBSERVER_TABLE} {{"]
-        for pod in PODS:
-            for family in ("v4", "v6"):
-                lines.append(f"  counter {_leak_counter(pod, family)} {{")
-                lines.append("  }")
-        lines.append("  chain observe {")
-        lines.append("    type filter hook prerouting priority raw; policy accept;")
-        for pod in PODS:
-            lines.append(f'    ip saddr {pod.ipv4} counter name "{_leak_counter(pod, "v4")}"')
-            lines.append(f'    ip6 saddr {pod.ipv6} counter name "{_leak_counter(pod, "v6")}"')
-        lines.append("  }")
-        lines.append("  chain blackhole {")
-        lines.append("    type filter hook input priority filter; policy accept;")
-        for address in DNS_BLACKHOLES:
-            lines.append(f"    {'ip6' if ':' in address else 'ip'} daddr {address} drop")
-        lines.append("  }")
-        lines.append("}")
-        netns.run(
-            netns.exec_argv(self.names.ext, ["nft", "-f", "-"]), input_text="\n".join(lines) + "\n"
-        )
+    def _created(self, ns: str) -> None:
+        self.state.namespaces.append(ns)
+        self.state.save()
 
     def _write_resolv_conf(self) -> None:
-        """Pods resolve names through the gateway's interceptor (``ip netns exec`` bind-mounts
-        these over ``/etc/resolv.conf``)."""
-        for pod in PODS:
-            directory = netns.NETNS_ETC_DIR / self.names.pod(pod)
+        """``ip netns exec`` bind-mounts these over ``/etc/resolv.conf``: pods ask the cluster
+        DNS the way Kubernetes sets them up, everything else asks the external DNS."""
+        texts = {self.names.pod(pod): pod_resolv_conf(pod) for pod in PODS}
+        for ns in self.names.all():
+            directory = netns.NETNS_ETC_DIR / ns
             self.state.etc_netns_dirs.append(str(directory))
             self.state.save()
             directory.mkdir(parents=True, exist_ok=True)
-            (directory / "resolv.conf").write_text(RESOLV_CONF)
+            (directory / "resolv.conf").write_text(texts.get(ns, NODE_RESOLV_CONF))
 
     def _start(self, role: str, ns: str, argv: Sequence[str], log: Path) -> ProcessRecord:
         proc, record = services.spawn(ns, argv, log, marker=str(self.statedir))
@@ -367,39 +267,6 @@ class Lab:
         self.state.processes[role] = record
         self.state.save()
         return record
-
-    # --- the daemon ------------------------------------------------------------------------
-
-    def start_daemon(
-        self,
-        extra_args: Sequence[str] | None = None,
-        ready_timeout_s: float = DAEMON_READY_TIMEOUT_S,
-    ) -> float:
-        """Run ``egressgw run`` in the gateway namespace; returns seconds until it was ready.
-
-        ``extra_args`` are appended to the command line and remembered for later restarts; None
-        reuses the last ones.
-        """
-        if self.daemon_alive():
-            raise LabError("the daemon is already running")
-        if extra_args is not None:
-            self.state.daemon_args = list(extra_args)
-        log = self.daemon_log_path
-        with log.open("a") as out:
-            out.write(f"--- lab: starting daemon at {time.strftime('%H:%M:%S')} ---\n")
-        argv = services.daemon_argv(self.statedir, self.state.daemon_args)
-        self._start(DAEMON, self.names.gateway, argv, log)
-        return self.wait_daemon_ready(ready_timeout_s)
-
-    def wait_daemon_ready(self, timeout_s: float = DAEMON_READY_TIMEOUT_S) -> float:
-        """Seconds until /healthz and /readyz answer; fails early if the daemon exits."""
-        return services.wait_until(
-            lambda: services.daemon_ready(self.names.gateway),
-            "egressgw daemon",
-            self._alive(DAEMON),
-            self.daemon_log_path,
-            timeout_s,
-        )
 
     def _alive(self, role: str) -> Callable[[], bool]:
         def alive() -> bool:
@@ -411,44 +278,163 @@ class Lab:
 
         return alive
 
-    def daemon_alive(self) -> bool:
-        record = self.state.processes.get(DAEMON)
-        return record is not None and process_alive(record)
+    # --- egressgw on the nodes -------------------------------------------------------------
 
-    def stop_daemon(self, *, kill9: bool = False, timeout_s: float = 10.0) -> None:
-        """Stop the daemon: SIGKILL at once with ``kill9``, else SIGTERM then (bounded) SIGKILL."""
-        record = self.state.processes.get(DAEMON)
-        if record is None or not process_alive(record):
-            return
-        if kill9:
-            netns.stop_pids([record.pid], timeout_s=0, first_signal=signal.SIGKILL)
-        else:
-            netns.stop_pids([record.pid], timeout_s=timeout_s)
-        child = self._children.pop(DAEMON, None)
-        if child is not None:
-            child.wait(timeout=5)
-        if netns.pid_alive(record.pid):
-            raise LabError(f"daemon pid {record.pid} survived SIGKILL")
+    def node_name(self, node: str) -> str:
+        """The node ``node`` names (a worker or gateway, or an alias: ``gw``, ``worker``)."""
+        name = ALIASES.get(node, node)
+        if name not in NODE_NAMES:
+            raise LabError(f"no node {node!r} in the lab (nodes: {', '.join(NODE_NAMES)})")
+        return name
+
+    def _nodes(self, node: str | None) -> list[str]:
+        return list(NODE_NAMES) if node is None else [self.node_name(node)]
+
+    def daemon_argv(self, node: str) -> list[str]:
+        """The command line of a node's egressgw: ``agent`` on a worker, ``run`` on a gateway
+        (with the gateway arguments of the last ``start_daemon``)."""
+        spec = node_by_name(self.node_name(node))
+        if isinstance(spec, Gateway):
+            return services.gateway_argv(self.statedir, spec, self.state.daemon_args)
+        return services.agent_argv(self.statedir, spec)
+
+    def start_daemon(
+        self,
+        extra_args: Sequence[str] | None = None,
+        ready_timeout_s: float = DAEMON_READY_TIMEOUT_S,
+        *,
+        node: str | None = None,
+    ) -> float:
+        """Start egressgw on ``node``, or on every node that is up and has none running; returns
+        seconds until all of them were ready.
+
+        ``extra_args`` go to the gateways' ``egressgw run`` and are remembered for later starts;
+        None reuses the last ones.
+        """
+        nodes = self._nodes(node)
+        if node is not None and self.daemon_alive(node):
+            raise LabError(f"egressgw is already running on {nodes[0]}")
+        if extra_args is not None:
+            self.state.daemon_args = list(extra_args)
+        start = time.monotonic()
+        started = []
+        for name in nodes:
+            if node is None and (name in self.state.down_nodes or self.daemon_alive(name)):
+                continue
+            log = self.log_path(name)
+            with log.open("a") as out:
+                out.write(
+                    f"--- lab: starting egressgw on {name} at {time.strftime('%H:%M:%S')} ---\n"
+                )
+            self._start(egressgw_role(name), self.names.node(name), self.daemon_argv(name), log)
+            started.append(name)
+        for name in started:
+            remaining = max(1.0, ready_timeout_s - (time.monotonic() - start))
+            self.wait_daemon_ready(remaining, node=name)
+        return time.monotonic() - start
+
+    def wait_daemon_ready(
+        self, timeout_s: float = DAEMON_READY_TIMEOUT_S, *, node: str | None = None
+    ) -> float:
+        """Seconds until /healthz and /readyz answer on ``node`` (default: every node that is
+        up); fails early if its egressgw exits."""
+        start = time.monotonic()
+        for name in self._nodes(node):
+            if node is None and name in self.state.down_nodes:
+                continue
+            ns = self.names.node(name)
+            services.wait_until(
+                partial(services.daemon_ready, ns),
+                f"egressgw on {name}",
+                self._alive(egressgw_role(name)),
+                self.log_path(name),
+                max(1.0, timeout_s - (time.monotonic() - start)),
+            )
+        return time.monotonic() - start
+
+    def daemon_alive(self, node: str | None = None) -> bool:
+        """Whether egressgw runs on ``node`` (default: on every node that is up)."""
+        for name in self._nodes(node):
+            if node is None and name in self.state.down_nodes:
+                continue
+            record = self.state.processes.get(egressgw_role(name))
+            if record is None or not process_alive(record):
+                return False
+        return True
+
+    def stop_daemon(
+        self, *, kill9: bool = False, node: str | None = None, timeout_s: float = 10.0
+    ) -> None:
+        """Stop egressgw on ``node`` (default: every node): SIGKILL at once with ``kill9``, else
+        SIGTERM then (bounded) SIGKILL. Its kernel state stays."""
+        records = []
+        for name in self._nodes(node):
+            record = self.state.processes.get(egressgw_role(name))
+            if record is not None and process_alive(record):
+                records.append((name, record))
+        netns.stop_pids(
+            [record.pid for _name, record in records],
+            timeout_s=0 if kill9 else timeout_s,
+            first_signal=signal.SIGKILL if kill9 else signal.SIGTERM,
+        )
+        for name, record in records:
+            child = self._children.pop(egressgw_role(name), None)
+            if child is not None:
+                child.wait(timeout=5)
+            if netns.pid_alive(record.pid):
+                raise LabError(f"egressgw on {name} (pid {record.pid}) survived SIGKILL")
 
     def restart_daemon(
         self,
         *,
         kill9: bool = True,
+        node: str | None = None,
         extra_args: Sequence[str] | None = None,
         ready_timeout_s: float = DAEMON_READY_TIMEOUT_S,
     ) -> float:
-        """Stop (by default ``kill -9``) and start the daemon; returns seconds until ready again."""
-        self.stop_daemon(kill9=kill9)
-        return self.start_daemon(extra_args, ready_timeout_s)
+        """Stop (by default ``kill -9``) and start egressgw on ``node`` (default: every node);
+        returns seconds until ready again."""
+        self.stop_daemon(kill9=kill9, node=node)
+        return self.start_daemon(extra_args, ready_timeout_s, node=node)
+
+    def take_node_down(self, node: str) -> None:
+        """A node fails: its egressgw is killed (``kill -9``) and the node drops off its
+        switches. Its kernel state stays, as on a node that lost power and comes back."""
+        name = self.node_name(node)
+        self.stop_daemon(kill9=True, node=name)
+        network.unplug(self.names, name)
+        if name not in self.state.down_nodes:
+            self.state.down_nodes.append(name)
+            self.state.save()
+
+    def bring_node_up(self, node: str, ready_timeout_s: float = DAEMON_READY_TIMEOUT_S) -> float:
+        """Undo ``take_node_down``: plug the node back and start its egressgw again if the lab
+        ran one there; returns seconds until it was ready (0 without egressgw)."""
+        name = self.node_name(node)
+        network.plug(self.names, name)
+        if name in self.state.down_nodes:
+            self.state.down_nodes.remove(name)
+            self.state.save()
+        if egressgw_role(name) in self.state.processes and not self.daemon_alive(name):
+            return self.start_daemon(None, ready_timeout_s, node=name)
+        return 0.0
+
+    def node_is_down(self, node: str) -> bool:
+        return network.unplugged(self.names, self.node_name(node))
 
     # --- running things inside the lab ---------------------------------------------------
 
     def netns_of(self, where: str) -> str:
-        """Namespace of a pod (``payments/api-0`` or ``api-0``) or a node (worker, gw, ext)."""
+        """Namespace of a pod (``payments/api-0`` or ``api-0``), a node (``worker-1``, ...,
+        ``gateway-2``; ``gw`` and ``worker`` are ``gateway-1`` and ``worker-1``), or ``router``,
+        ``dns``, ``ext``."""
         n = self.names
-        nodes = {"worker": n.worker, "gw": n.gateway, "gateway": n.gateway, "ext": n.ext}
-        if where in nodes:
-            return nodes[where]
+        fixed = {"router": n.router, "dns": n.dns, "ext": n.ext}
+        name = ALIASES.get(where, where)
+        if name in fixed:
+            return fixed[name]
+        if name in NODE_NAMES:
+            return n.node(name)
         return n.pod(pod_of(where))
 
     def exec(
@@ -499,8 +485,11 @@ class Lab:
             proc = None
         return classify_psql(proc, time.monotonic() - start)
 
-    def http(self, pod: str, url: str, *, timeout_s: float = 5.0) -> Outcome:
-        """GET ``url`` with curl from a pod; the echo server's body names the source it saw."""
+    def http(
+        self, pod: str, url: str, *, timeout_s: float = 5.0, interface: str | None = None
+    ) -> Outcome:
+        """GET ``url`` with curl from a pod; the echo server's body names the source it saw.
+        ``interface`` is the source address to send from (curl's ``--interface``)."""
         argv = [
             "curl",
             "-v",
@@ -510,8 +499,10 @@ class Lab:
             f"{min(3.0, timeout_s):g}",
             "--max-time",
             f"{timeout_s:g}",
-            url,
         ]
+        if interface is not None:
+            argv += ["--interface", interface]
+        argv.append(url)
         start = time.monotonic()
         try:
             proc: subprocess.CompletedProcess[str] | None = self.exec(
@@ -553,7 +544,8 @@ class Lab:
         )
 
     def resolve(self, pod: str, name: str, family: int, timeout_s: float = 5.0) -> list[str]:
-        """Addresses of ``name`` as the pod's resolver returns them (through the gateway)."""
+        """Addresses of ``name`` as the pod's resolver returns them: its resolv.conf, search
+        list and ndots included (``getent``)."""
         database = "ahostsv4" if family == 4 else "ahostsv6"
         try:
             proc = self.exec(pod, ["getent", database, name], timeout=timeout_s)
@@ -579,7 +571,9 @@ class Lab:
     ) -> DnsResult:
         """One DNS query from a pod or node, with the exact response code (see ``dnsquery``).
 
-        ``server`` defaults to the first nameserver of the pod's resolv.conf: the interceptor.
+        ``name`` is asked as given (no search list). ``server`` defaults to the first nameserver
+        of the pod's resolv.conf: the cluster DNS, whose address a selected pod's gateway answers
+        from.
         """
         argv = [sys.executable, "-m", "egressgw.lab.dnsquery", name, qtype]
         argv += ["--timeout-s", f"{timeout_s:g}"]
@@ -644,60 +638,83 @@ class Lab:
     def web_url(self, family: int, port: int, path: str = "/") -> str:
         return url(WEB_V4 if family == 4 else WEB_V6, port, path)
 
+    def pod_url(self, pod: str, family: int, path: str = "/") -> str:
+        """The echo server of an unselected pod, by its address."""
+        return url(pod_of(pod).address(family), POD_HTTP_PORT, path)
+
     # --- what the lab saw ---------------------------------------------------------------------
 
     @property
     def manifests_dir(self) -> Path:
         return self.statedir / "manifests"
 
+    def log_path(self, node: str = PAYMENTS_GATEWAY) -> Path:
+        """The log of a node's egressgw (all restarts appended)."""
+        return self.statedir / f"egressgw-{self.node_name(node)}.log"
+
     @property
     def daemon_log_path(self) -> Path:
-        return self.statedir / "egressgw.log"
+        """The log of the payments gateway's egressgw."""
+        return self.log_path(PAYMENTS_GATEWAY)
 
-    def daemon_log(self, since: int = 0) -> str:
-        """The daemon's log (all restarts appended), from byte offset ``since``."""
+    def daemon_log(self, since: int = 0, *, node: str = PAYMENTS_GATEWAY) -> str:
+        """A node's egressgw log (default: the payments gateway's), from byte offset ``since``."""
         try:
-            with self.daemon_log_path.open("rb") as log:
+            with self.log_path(node).open("rb") as log:
                 log.seek(since)
                 return log.read().decode(errors="replace")
         except OSError:
             return ""
 
-    def daemon_log_offset(self) -> int:
-        """Where the daemon's log ends now; pass it to ``wait_for_daemon_log`` as ``since``."""
+    def daemon_log_offset(self, *, node: str = PAYMENTS_GATEWAY) -> int:
+        """Where a node's egressgw log ends now; pass it to ``wait_for_daemon_log``."""
         try:
-            return self.daemon_log_path.stat().st_size
+            return self.log_path(node).stat().st_size
         except OSError:
             return 0
 
-    def wait_for_daemon_log(self, text: str, since: int = 0, timeout_s: float = 10.0) -> str:
+    def wait_for_daemon_log(
+        self, text: str, since: int = 0, timeout_s: float = 10.0, *, node: str = PAYMENTS_GATEWAY
+    ) -> str:
         """The first line after ``since`` that contains ``text``, waiting up to ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
         while True:
-            for line in self.daemon_log(since).splitlines():
+            for line in self.daemon_log(since, node=node).splitlines():
                 if text in line:
                     return line
             if time.monotonic() > deadline:
-                raise LabError(f"daemon did not log {text!r} within {timeout_s:g}s")
+                raise LabError(
+                    f"egressgw on {self.node_name(node)} did not log {text!r} within {timeout_s:g}s"
+                )
             time.sleep(0.05)
 
     def pg_log(self) -> str:
         return _read(self.statedir / "postgres.log")
 
     def dns_log(self) -> str:
+        """The external DNS server's query log."""
         return _read(self.statedir / "dnsmasq.log")
 
+    def cluster_dns_log(self) -> str:
+        """The cluster DNS's query log (``query[A] NAME from ADDRESS`` per query)."""
+        return _read(self.statedir / "cluster-dns.log")
+
     def http_log(self) -> str:
+        """The external echo server's log (``source=ADDRESS`` per request)."""
         return _read(self.statedir / "httpd.log")
 
-    def daemon_healthy(self) -> bool:
-        """Whether the daemon answers /healthz (its tasks run) right now."""
-        return services.daemon_answers(self.names.gateway, "/healthz")
+    def echo_log(self, pod: str) -> str:
+        """The log of the echo server inside an unselected pod."""
+        return _read(services.echo_log(self.statedir, pod_of(pod)))
 
-    def daemon_metrics(self) -> dict[str, float]:
-        """The daemon's Prometheus samples, keyed ``name{labels}`` as /metrics prints them."""
+    def daemon_healthy(self, node: str = PAYMENTS_GATEWAY) -> bool:
+        """Whether a node's egressgw answers /healthz (its tasks run) right now."""
+        return services.daemon_answers(self.netns_of(node), "/healthz")
+
+    def daemon_metrics(self, node: str = PAYMENTS_GATEWAY) -> dict[str, float]:
+        """A node's egressgw Prometheus samples, keyed ``name{labels}`` as /metrics prints them."""
         samples: dict[str, float] = {}
-        for line in services.daemon_get(self.names.gateway, "/metrics").splitlines():
+        for line in services.daemon_get(self.netns_of(node), "/metrics").splitlines():
             if not line or line.startswith("#"):
                 continue
             key, _, value = line.rpartition(" ")
@@ -706,31 +723,66 @@ class Lab:
         return samples
 
     def nft_list(self, where: str = "gw") -> str:
-        """``nft list ruleset`` of the gateway (or another lab namespace)."""
+        """``nft list ruleset`` of a node (default: the payments gateway) or another namespace."""
         return self.exec(where, ["nft", "list", "ruleset"], check=True).stdout
 
     def leaked_packets(self) -> dict[str, int]:
-        """Packets the external network received with a pod's own (un-SNATed) source address.
+        """Packets the external network received with a pod's own (untranslated) source address.
 
-        Keys are ``<pod-key> v4`` / ``<pod-key> v6``. Any non-zero count means traffic escaped the
-        gateway without its egress IP.
+        Keys are ``<pod-key> v4`` / ``<pod-key> v6``. Any non-zero count means traffic escaped
+        without the egress IP or the router's address.
         """
-        proc = self.exec(
-            "ext", ["nft", "-j", "list", "counters", "table", "inet", OBSERVER_TABLE], check=True
-        )
-        by_name: dict[str, int] = {}
-        for item in json.loads(proc.stdout).get("nftables", []):
-            counter = item.get("counter")
-            if counter:
-                by_name[str(counter["name"])] = int(counter["packets"])
+        counters = network.read_counters(self.names.ext, network.OBSERVER_TABLE)
         return {
-            f"{pod.key} {family}": by_name.get(_leak_counter(pod, family), 0)
+            f"{pod.key} v{family}": counters.get(network.leak_counter(pod, family), 0)
             for pod in PODS
-            for family in ("v4", "v6")
+            for family in (4, 6)
         }
 
+    def routed_packets(self) -> dict[str, int]:
+        """Packets of each pod that the node router masqueraded to its own address.
+
+        Keys as ``leaked_packets``. That is the normal path of an unselected pod; a selected pod
+        counted here left without its gateway.
+        """
+        counters = network.read_counters(self.names.router, network.ROUTER_TABLE)
+        return {
+            f"{pod.key} v{family}": counters.get(network.routed_counter(pod, family), 0)
+            for pod in PODS
+            for family in (4, 6)
+        }
+
+    @contextmanager
+    def counting(
+        self, where: str, *matches: str, then: str = ""
+    ) -> Iterator[Callable[[], list[int]]]:
+        """Count the packets that arrive in a namespace (``ext``, ``router``, a node) matching
+        each nftables expression, e.g. ``ip saddr 198.51.100.10 tcp dport 5432``, until the block
+        ends; yields a function that reads the counts in the order of ``matches``. ``then``
+        (``drop``) stops the packets counted."""
+        table = f"egressgw_lab_count_{uuid.uuid4().hex[:8]}"
+        with network.counting(self.netns_of(where), matches, table, then) as read:
+            yield read
+
+    def egress_ips(self, node: str) -> list[str]:
+        """Addresses on a gateway's uplink besides its own: the egress IPs it holds now."""
+        spec = node_by_name(self.node_name(node))
+        own = {spec.uplink_v4, spec.uplink_v6} if isinstance(spec, Gateway) else set()
+        proc = self.exec(node, ["ip", "-j", "addr", "show", "dev", UPLINK_IFNAME], check=True)
+        found = []
+        for link in json.loads(proc.stdout or "[]"):
+            for info in link.get("addr_info", []):
+                address = str(info.get("local", ""))
+                if (
+                    address
+                    and address not in own
+                    and not ipaddress.ip_address(address).is_link_local
+                ):
+                    found.append(address)
+        return found
+
     def write_manifest(self, filename: str, text: str, *, atomic: bool = True) -> Path:
-        """Add or replace a file in the daemon's manifests directory."""
+        """Add or replace a file in the manifests directory every egressgw of the lab reads."""
         path = self.manifests_dir / filename
         if atomic:
             write_atomically(path, text)
@@ -739,7 +791,8 @@ class Lab:
         return path
 
     def status(self) -> dict[str, Any]:
-        """What exists right now: namespaces, processes (alive or not), addresses per namespace."""
+        """What exists right now: namespaces, processes (alive or not), addresses per namespace,
+        nodes that are down."""
         namespaces = {ns: netns.exists(ns) for ns in self.names.all()}
         processes = {
             role: {"pid": record.pid, "alive": process_alive(record), "log": record.log}
@@ -759,6 +812,7 @@ class Lab:
             "namespaces": namespaces,
             "processes": processes,
             "addresses": addresses,
+            "down_nodes": list(self.state.down_nodes),
         }
 
 
@@ -775,7 +829,9 @@ def pod_of(where: str) -> LabPod:
     try:
         return pod_by_key(where)
     except ValueError as exc:
-        raise LabError(f"{exc}; nodes: worker, gw, ext") from exc
+        raise LabError(
+            f"{exc}; nodes: {', '.join(NODE_NAMES)} (gw, worker), router, dns, ext"
+        ) from exc
 
 
 def process_alive(record: ProcessRecord) -> bool:
@@ -809,24 +865,27 @@ def down(name: str = DEFAULT_LAB_NAME, *, root: str = STATE_ROOT) -> list[str]:
     names = NetnsNames(name)
     removed: list[str] = []
     if state is not None:
-        for role in PROCESS_ROLES:
-            record = state.processes.get(role)
-            if record is not None and process_alive(record):
+        for role in stop_order(list(state.processes)):
+            record = state.processes[role]
+            if process_alive(record):
                 netns.stop_pids(
                     [record.pid], timeout_s=5.0, first_signal=STOP_SIGNALS.get(role, signal.SIGTERM)
                 )
                 removed.append(f"process {role} (pid {record.pid})")
-    recorded = list(state.namespaces) if state is not None else []
+    # Only ever remove namespaces whose names this lab owns: its own, and recorded ones with its
+    # prefix (a lab built by another version of the lab).
+    recorded = [ns for ns in (state.namespaces if state else []) if names.owns(ns)]
     for ns in reversed(list(dict.fromkeys([*names.all(), *recorded]))):
-        if ns not in names.all():
-            # Only ever remove namespaces whose names this lab owns.
-            continue
         if netns.exists(ns):
             netns.delete(ns)
             removed.append(f"netns {ns}")
     etc_dirs = {str(netns.NETNS_ETC_DIR / ns) for ns in names.all()}
     if state is not None:
-        etc_dirs |= {d for d in state.etc_netns_dirs if Path(d).parent == netns.NETNS_ETC_DIR}
+        etc_dirs |= {
+            d
+            for d in state.etc_netns_dirs
+            if Path(d).parent == netns.NETNS_ETC_DIR and names.owns(Path(d).name)
+        }
     for directory in sorted(etc_dirs):
         if Path(directory).exists():
             shutil.rmtree(directory, ignore_errors=True)
@@ -851,8 +910,8 @@ def lab_up(name: str = DEFAULT_LAB_NAME, **kwargs: Any) -> Iterator[Lab]:
         lab.down()
 
 
-def _leak_counter(pod: LabPod, family: str) -> str:
-    return f"leak-{pod.name}-{family}"
+def _logged(path: Path, text: str) -> bool:
+    return text in _read(path)
 
 
 def _read(path: Path) -> str:

@@ -1,9 +1,12 @@
-"""The servers of the lab's external network, and the egressgw daemon on the gateway.
+"""The lab's servers and the command lines of its egressgw processes.
 
-In: the lab's state directory and namespace names. Out: running processes (each recorded with its
-pid, namespace, command line and log file) and their readiness. PostgreSQL, the HTTP echo server
-and dnsmasq run inside the external namespace, the daemon inside the gateway namespace; each is
-started in a session of its own so it outlives the ``lab up`` command, and every wait is bounded.
+In: the lab's state directory and namespace names. Out: command lines, running processes (each
+recorded with its pid, namespace, command line and log file) and their readiness. PostgreSQL, the
+HTTP echo server and dnsmasq run inside the external namespace; the cluster DNS (a second dnsmasq)
+on its own host; an echo server in each unselected pod, for pod-to-pod traffic; ``egressgw agent``
+on each worker and ``egressgw run --node-name`` on each gateway node, inside that node's namespace.
+Each process is started in a session of its own so it outlives the ``lab up`` command, and every
+wait is bounded. Nothing here creates or changes network state.
 """
 
 from __future__ import annotations
@@ -21,6 +24,11 @@ from egressgw.lab import netns
 from egressgw.lab.netns import LabError
 from egressgw.lab.state import ProcessRecord
 from egressgw.lab.topology import (
+    CLUSTER_CIDRS,
+    CLUSTER_DNS_TTL_SECONDS,
+    CLUSTER_DNS_V4,
+    CLUSTER_DNS_V6,
+    CLUSTER_DOMAIN,
     DAEMON_HTTP_LISTEN,
     DB_V4,
     DB_V6,
@@ -33,16 +41,19 @@ from egressgw.lab.topology import (
     DNS_V4,
     DNS_V6,
     HTTP_PORTS,
+    POD_HTTP_PORT,
     POSTGRES_ALLOWED_SOURCES,
     POSTGRES_DATABASE,
     POSTGRES_PORT,
     POSTGRES_USER,
     TEST_PORT,
-    TRANSIT_GATEWAY_V4,
-    TRANSIT_GATEWAY_V6,
     UPLINK_IFNAME,
     WEB_ADDRESSES,
+    Gateway,
+    LabPod,
+    Worker,
     addn_hosts_lines,
+    cluster_hosts_lines,
 )
 
 PG_OS_USER = "postgres"
@@ -252,7 +263,7 @@ class Postgres:
         )
 
 
-# --- HTTP echo server -------------------------------------------------------------------
+# --- HTTP echo servers ------------------------------------------------------------------
 
 
 def httpd_argv(statedir: Path) -> list[str]:
@@ -268,7 +279,33 @@ def httpd_argv(statedir: Path) -> list[str]:
     return argv
 
 
-# --- dnsmasq ------------------------------------------------------------------------------
+def echo_log(statedir: Path, pod: LabPod) -> Path:
+    return statedir / f"echo-{pod.name}.log"
+
+
+def echo_ready_file(statedir: Path, pod: LabPod) -> Path:
+    return statedir / f"echo-{pod.name}.ready"
+
+
+def pod_echo_argv(statedir: Path, pod: LabPod) -> list[str]:
+    """The echo server inside a pod, on every address of the pod: other pods' traffic to it
+    reports the source it arrived with."""
+    return [
+        sys.executable,
+        "-m",
+        "egressgw.lab.httpd",
+        "--listen",
+        f"0.0.0.0:{POD_HTTP_PORT}",
+        "--listen",
+        f"[::]:{POD_HTTP_PORT}",
+        "--log",
+        str(echo_log(statedir, pod)),
+        "--ready-file",
+        str(echo_ready_file(statedir, pod)),
+    ]
+
+
+# --- the external DNS server ------------------------------------------------------------
 
 
 ADDN_HOSTS_FILE = "dnsmasq.hosts"
@@ -316,25 +353,74 @@ def dnsmasq_argv(statedir: Path) -> list[str]:
     return argv
 
 
-# --- the egressgw daemon ----------------------------------------------------------------
+# --- the cluster DNS ----------------------------------------------------------------------
 
 
-# The DNS interceptor listens on the gateway's transit addresses (the pods' resolv.conf points
-# there) and forwards allowed names to the lab's dnsmasq, over IPv4 first.
-DNS_LISTEN: tuple[str, ...] = (
-    f"{TRANSIT_GATEWAY_V4}:{DNS_PORT}",
-    f"[{TRANSIT_GATEWAY_V6}]:{DNS_PORT}",
+CLUSTER_HOSTS_FILE = "cluster-dns.hosts"
+
+
+def write_cluster_hosts(statedir: Path) -> Path:
+    """The cluster DNS's records (Services and pods under ``cluster.local``)."""
+    path = statedir / CLUSTER_HOSTS_FILE
+    path.write_text("\n".join(cluster_hosts_lines()) + "\n")
+    return path
+
+
+def cluster_dns_argv(statedir: Path) -> list[str]:
+    """dnsmasq as the cluster DNS: ``cluster.local`` from its records (NXDOMAIN for the rest of
+    the zone), every other name forwarded to the external DNS, nothing cached (so each query
+    it answers shows in its log and at the external DNS), every query logged.
+
+    The hosts file of ``write_cluster_hosts`` must exist before it starts.
+    """
+    dnsmasq = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
+    return [
+        dnsmasq,
+        "--keep-in-foreground",
+        "--conf-file=/dev/null",
+        "--no-resolv",
+        "--no-hosts",
+        "--bind-interfaces",
+        f"--listen-address={CLUSTER_DNS_V4}",
+        f"--listen-address={CLUSTER_DNS_V6}",
+        f"--port={DNS_PORT}",
+        "--log-queries",
+        f"--log-facility={statedir / 'cluster-dns.log'}",
+        f"--pid-file={statedir / 'cluster-dns.pid'}",
+        "--user=root",
+        f"--local=/{CLUSTER_DOMAIN}/",
+        f"--local-ttl={CLUSTER_DNS_TTL_SECONDS}",
+        f"--addn-hosts={statedir / CLUSTER_HOSTS_FILE}",
+        "--cache-size=0",
+        "--strict-order",
+        f"--server={DNS_V4}",
+        f"--server={DNS_V6}",
+    ]
+
+
+# --- egressgw on the nodes ------------------------------------------------------------------
+
+
+# A gateway answers the DNS its pods send to the cluster DNS (tunnelled to it) and forwards what
+# it lets through, and the cluster's own names, to the cluster DNS: over IPv4 first.
+DNS_UPSTREAMS: tuple[str, ...] = (
+    f"{CLUSTER_DNS_V4}:{DNS_PORT}",
+    f"[{CLUSTER_DNS_V6}]:{DNS_PORT}",
 )
-DNS_UPSTREAMS: tuple[str, ...] = (f"{DNS_V4}:{DNS_PORT}", f"[{DNS_V6}]:{DNS_PORT}")
-_LIST_FLAGS = {"--dns-listen": DNS_LISTEN, "--upstream": DNS_UPSTREAMS}
+
+
+def dns_listen(gateway: Gateway) -> tuple[str, ...]:
+    """Where a gateway's interceptor listens: its node addresses. The DNS the tunnel brings it
+    (pods asking the cluster DNS) is answered there too, from the address the pod asked."""
+    return (f"{gateway.ipv4}:{DNS_PORT}", f"[{gateway.ipv6}]:{DNS_PORT}")
 
 
 def _mentions(args: Sequence[str], flag: str) -> bool:
     return any(arg == flag or arg.startswith(flag + "=") for arg in args)
 
 
-def daemon_argv(statedir: Path, extra: Sequence[str] = ()) -> list[str]:
-    """``egressgw run`` for the lab's gateway, with the interceptor on, then ``extra``.
+def gateway_argv(statedir: Path, gateway: Gateway, extra: Sequence[str] = ()) -> list[str]:
+    """``egressgw run --node-name`` for a gateway node, with the interceptor on, then ``extra``.
 
     Flags that take one value are overridden by repeating them in ``extra`` (the last one wins).
     The repeatable ``--upstream`` and ``--dns-listen`` are replaced as a whole: once ``extra``
@@ -348,23 +434,49 @@ def daemon_argv(statedir: Path, extra: Sequence[str] = ()) -> list[str]:
         "run",
         "--manifests",
         str(statedir / "manifests"),
+        "--node-name",
+        gateway.name,
         "--uplink",
         UPLINK_IFNAME,
         "--http-listen",
         DAEMON_HTTP_LISTEN,
+        "--passthrough-domain",
+        CLUSTER_DOMAIN,
     ]
-    for flag, values in _LIST_FLAGS.items():
+    defaults = {"--dns-listen": dns_listen(gateway), "--upstream": DNS_UPSTREAMS}
+    for flag, values in defaults.items():
         if not _mentions(extra, flag):
             for value in values:
                 argv += [flag, value]
     return [*argv, *extra]
 
 
-def daemon_answers(gateway_ns: str, path: str, timeout_s: float = 1.0) -> bool:
-    """Whether the daemon answers ``path`` with a 2xx, asked from inside the gateway namespace."""
+def agent_argv(statedir: Path, worker: Worker, extra: Sequence[str] = ()) -> list[str]:
+    """``egressgw agent`` for a worker node: the cluster's networks stay untouched, DNS to the
+    cluster DNS addresses is steered with the rest of a selected pod's traffic."""
+    argv = [
+        sys.executable,
+        "-m",
+        "egressgw",
+        "agent",
+        "--manifests",
+        str(statedir / "manifests"),
+        "--node-name",
+        worker.name,
+    ]
+    for cidr in CLUSTER_CIDRS:
+        argv += ["--cluster-cidr", cidr]
+    for address in (CLUSTER_DNS_V4, CLUSTER_DNS_V6):
+        argv += ["--dns-address", address]
+    argv += ["--http-listen", DAEMON_HTTP_LISTEN]
+    return [*argv, *extra]
+
+
+def daemon_answers(ns: str, path: str, timeout_s: float = 1.0) -> bool:
+    """Whether the egressgw process of node namespace ``ns`` answers ``path`` with a 2xx."""
     proc = netns.run(
         netns.exec_argv(
-            gateway_ns,
+            ns,
             [
                 "curl",
                 "-fsS",
@@ -381,11 +493,11 @@ def daemon_answers(gateway_ns: str, path: str, timeout_s: float = 1.0) -> bool:
     return proc.returncode == 0
 
 
-def daemon_get(gateway_ns: str, path: str, timeout_s: float = 2.0) -> str:
-    """The body of ``path`` from the daemon's HTTP endpoint (raises ``LabError`` on failure)."""
+def daemon_get(ns: str, path: str, timeout_s: float = 2.0) -> str:
+    """The body of ``path`` from the egressgw process of ``ns`` (``LabError`` on failure)."""
     proc = netns.run(
         netns.exec_argv(
-            gateway_ns,
+            ns,
             ["curl", "-fsS", "--max-time", f"{timeout_s:g}", f"http://{DAEMON_HTTP_LISTEN}{path}"],
         ),
         timeout=timeout_s + 5,
@@ -393,16 +505,15 @@ def daemon_get(gateway_ns: str, path: str, timeout_s: float = 2.0) -> str:
     return proc.stdout
 
 
-def daemon_ready(gateway_ns: str) -> bool:
+def daemon_ready(ns: str) -> bool:
     """/healthz (its tasks run) and /readyz (datapath adopted, manifests synced) both answer 2xx."""
-    return daemon_answers(gateway_ns, "/healthz") and daemon_answers(gateway_ns, "/readyz")
+    return daemon_answers(ns, "/healthz") and daemon_answers(ns, "/readyz")
 
 
-def daemon_available() -> bool:
-    """Whether ``python -m egressgw run`` exists yet in this checkout."""
+def _has_command(*words: str) -> bool:
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "egressgw", "run", "--help"],
+            [sys.executable, "-m", "egressgw", *words, "--help"],
             capture_output=True,
             timeout=30,
             check=False,
@@ -410,3 +521,23 @@ def daemon_available() -> bool:
     except subprocess.TimeoutExpired:
         return False
     return proc.returncode == 0
+
+
+def daemon_available() -> bool:
+    """Whether ``python -m egressgw run`` exists in this checkout."""
+    return _has_command("run")
+
+
+def agent_available() -> bool:
+    """Whether ``python -m egressgw agent`` exists in this checkout."""
+    return _has_command("agent")
+
+
+def cluster_available() -> str | None:
+    """None when both egressgw commands of the lab's nodes exist, else what is missing."""
+    missing = [
+        f"`python -m egressgw {word}`"
+        for word, present in (("run", daemon_available()), ("agent", agent_available()))
+        if not present
+    ]
+    return f"{' and '.join(missing)} not available in this checkout" if missing else None

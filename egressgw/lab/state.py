@@ -43,7 +43,8 @@ class LabState:
     etc_netns_dirs: list[str] = field(default_factory=list)
     processes: dict[str, ProcessRecord] = field(default_factory=dict)
     policies_dir: str = ""
-    daemon_args: list[str] = field(default_factory=list)
+    daemon_args: list[str] = field(default_factory=list)  # the gateways' extra arguments
+    down_nodes: list[str] = field(default_factory=list)  # nodes taken down (unplugged)
     timings_s: dict[str, float] = field(default_factory=dict)  # how long `up` took, by phase
     started_at: float = 0.0
     ready: bool = False

@@ -1,12 +1,16 @@
-"""End to end: the DNS interceptor in the lab, against the real dnsmasq upstream.
+"""End to end: the DNS interceptor in the lab, against the real upstreams.
 
-Pods resolve through the gateway's interceptor (their resolv.conf points there); the evidence is
-what the pods get back, what the servers behind the gateway saw, dnsmasq's query log, the daemon's
-log and metrics, and the kernel's sets. One lab with the lab's default daemon serves most tests;
-a second lab, whose daemon each test starts with its own arguments (dead upstreams, short TTLs),
-serves the rest. Each test takes names no other test asks for (``_fresh``), so the interceptor's
-answer cache and the kernel's learned elements never make one test depend on another, except where
-a test says it must run before another (the CNAME test before the demo's rows).
+Pods ask the cluster DNS (their resolv.conf names it); a selected pod's query travels with the rest
+of its traffic to the gateway node that holds its project's egress IPs, whose interceptor answers
+it from the address the pod asked (payments' on gateway-1, analytics' on gateway-2) and forwards
+what it allows to the cluster DNS, which forwards the rest to the external dnsmasq. The evidence
+is what the pods get back, what the servers behind the gateway saw, the cluster DNS's and
+dnsmasq's query logs, the gateways' logs and metrics, and the kernel's sets. One lab with the
+lab's default daemons serves most tests; a second lab, whose daemons each test starts with its own
+arguments (dead upstreams, short TTLs), serves the rest. Each test takes names no other test asks
+for (``_fresh``), so the interceptor's answer cache and the kernel's learned elements never make
+one test depend on another, except where a test says it must run before another (the CNAME test
+before the demo's rows).
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from egressgw.lab.dnsquery import DnsResult
 from egressgw.lab.lab import url
 from egressgw.lab.services import daemon_available
 from egressgw.lab.topology import (
+    ANALYTICS_GATEWAY,
+    CLUSTER_DNS_V4,
+    CLUSTER_DNS_V6,
     DNS_BLACKHOLE_V4,
     DNS_BLACKHOLE_V6,
     DNS_DEAD_V4,
@@ -43,9 +50,8 @@ from egressgw.lab.topology import (
     SHORT_V4,
     SHORT_V6,
     TEST_PORT,
-    TRANSIT_GATEWAY_V4,
-    TRANSIT_GATEWAY_V6,
     WEB_V4,
+    gateway_of,
     many_addresses,
     race_address,
     race_name,
@@ -58,6 +64,8 @@ PAYMENTS = "payments/api-0"
 ANALYTICS = "analytics/etl-0"
 SANDBOX = "sandbox/shell-0"
 PAY_V4, PAY_V6 = EGRESS_IPS["payments"]
+# payments' gateway node: its interceptor listens on its node addresses
+PAYMENTS_GW = gateway_of("payments")
 PER_NAME_CAP = 64  # the daemon's default --max-addresses-per-name
 
 # Race names after the first RACE_LOOP_COUNT, handed out one by one.
@@ -112,6 +120,12 @@ def _wait_for_dns_log(lab: Lab, text: str, timeout_s: float = 3.0) -> bool:
     return False
 
 
+def _asked(log: str, name: str) -> list[str]:
+    """The lines of a dnsmasq query log where ``name`` was asked (any type). Other lines may
+    name it too: the external namespace's own servers look their addresses up (PTR) at start."""
+    return re.findall(rf"^.*query\[\w+\] {re.escape(name)} from .*$", log, re.MULTILINE)
+
+
 def _metric(lab: Lab, name: str, **labels: str) -> float:
     """The sum of the samples of metric ``name`` whose labels include ``labels``."""
     total = 0.0
@@ -151,13 +165,16 @@ def test_resolve_then_connect_2000_times_in_a_row_without_a_failure(lab: Lab) ->
 def test_a_name_allowed_for_one_project_is_nxdomain_for_the_other(lab: Lab) -> None:
     index = _fresh()
     name, address = race_name(index), race_address(index)
-    offset = lab.daemon_log_offset()
+    # analytics' queries are answered, and its decisions logged, by its own gateway node
+    offset = lab.daemon_log_offset(node=ANALYTICS_GATEWAY)
 
     learned = lab.dns_query(PAYMENTS, name, "AAAA")
     assert learned.rcode == "NOERROR" and learned.addresses == (address,), learned
     other = lab.dns_query(ANALYTICS, name, "AAAA")
     assert other.rcode == "NXDOMAIN" and not other.answers, other
-    line = lab.wait_for_daemon_log(f"identity={ANALYTICS} name={name} type=AAAA", since=offset)
+    line = lab.wait_for_daemon_log(
+        f"identity={ANALYTICS} name={name} type=AAAA", since=offset, node=ANALYTICS_GATEWAY
+    )
     assert "verdict=deny" in line, line
 
     # The address payments learned opens nothing for analytics, and still opens for payments.
@@ -188,11 +205,13 @@ def test_a_denied_name_is_answered_at_the_gateway_and_never_reaches_the_upstream
             assert denied.elapsed_ms < 500, denied
     assert lab.dns_query(PAYMENTS, allowed, "AAAA").rcode == "NOERROR"
 
-    # dnsmasq logs every query it receives: the allowed one arrives, the denied ones never do.
+    # The cluster DNS (the gateway's upstream) and dnsmasq behind it log every query they
+    # receive: the allowed one arrives, the denied ones never do.
     assert _wait_for_dns_log(lab, f"query[AAAA] {allowed} from"), "the allowed name never arrived"
-    log = lab.dns_log()
-    assert exfiltration not in log
-    assert "blocked.lab.example" not in log
+    assert f"query[AAAA] {allowed} from" in lab.cluster_dns_log()
+    for log in (lab.cluster_dns_log(), lab.dns_log()):
+        assert exfiltration not in log
+        assert _asked(log, "blocked.lab.example") == []
     line = lab.wait_for_daemon_log(f"name={exfiltration} type=A verdict=deny", since=offset)
     assert f"identity={PAYMENTS}" in line and 'reason="' in line, line
 
@@ -212,7 +231,7 @@ def test_a_cname_chain_opens_the_target_address(lab: Lab) -> None:
     outcome = lab.http(PAYMENTS, url(ORIGIN_V4, 80))
     assert outcome.verdict is Verdict.CONNECTED and outcome.source == PAY_V4, outcome
 
-    answer6 = lab.dns_query(PAYMENTS, "alias.lab.example", "AAAA", server=TRANSIT_GATEWAY_V6)
+    answer6 = lab.dns_query(PAYMENTS, "alias.lab.example", "AAAA", server=CLUSTER_DNS_V6)
     assert answer6.addresses == (ORIGIN_V6,), answer6
     outcome = lab.http(PAYMENTS, url(ORIGIN_V6, 80))
     assert outcome.verdict is Verdict.CONNECTED and outcome.source == PAY_V6, outcome
@@ -220,15 +239,16 @@ def test_a_cname_chain_opens_the_target_address(lab: Lab) -> None:
 
 def test_aaaa_over_ipv6_end_to_end(lab: Lab) -> None:
     index = _fresh()
-    # The query itself travels over IPv6, to the interceptor's IPv6 listener.
-    answer = lab.dns_query(PAYMENTS, race_name(index), "AAAA", server=TRANSIT_GATEWAY_V6)
-    assert answer.server == TRANSIT_GATEWAY_V6
+    # The query itself travels over IPv6 (to the cluster DNS's IPv6 address, answered by the
+    # gateway's interceptor from there).
+    answer = lab.dns_query(PAYMENTS, race_name(index), "AAAA", server=CLUSTER_DNS_V6)
+    assert answer.server == CLUSTER_DNS_V6
     assert answer.rcode == "NOERROR" and answer.addresses == (race_address(index),), answer
     outcome = lab.http(PAYMENTS, url(race_address(index), TEST_PORT))
     assert outcome.verdict is Verdict.CONNECTED and outcome.source == PAY_V6, outcome
 
 
-@pytest.mark.parametrize("server", [TRANSIT_GATEWAY_V4, TRANSIT_GATEWAY_V6], ids=["v4", "v6"])
+@pytest.mark.parametrize("server", [CLUSTER_DNS_V4, CLUSTER_DNS_V6], ids=["v4", "v6"])
 def test_queries_over_tcp(lab: Lab, server: str) -> None:
     index = _fresh()
     answer = lab.dns_query(PAYMENTS, race_name(index), "AAAA", server=server, tcp=True)
@@ -238,8 +258,22 @@ def test_queries_over_tcp(lab: Lab, server: str) -> None:
 
     denied = lab.dns_query(PAYMENTS, "blocked.lab.example", server=server, tcp=True)
     assert denied.rcode == "NXDOMAIN", denied
-    unknown = lab.dns_query(SANDBOX, "web.lab.example", server=server, tcp=True)
-    assert unknown.rcode == "REFUSED", unknown
+
+
+@pytest.mark.parametrize("family", [4, 6], ids=["v4", "v6"])
+def test_an_unknown_source_is_refused_and_an_unselected_pod_asks_the_cluster_dns(
+    lab: Lab, family: int
+) -> None:
+    # A node is no workload: the gateway's interceptor, asked at its node address, refuses it.
+    interceptor = PAYMENTS_GW.ipv4 if family == 4 else PAYMENTS_GW.ipv6
+    for tcp in (False, True):
+        unknown = lab.dns_query("worker-1", "web.lab.example", server=interceptor, tcp=tcp)
+        assert unknown.rcode == "REFUSED" and not unknown.answers, (tcp, unknown)
+    # No gateway selects sandbox: its DNS is not intercepted and the cluster DNS answers it.
+    cluster_dns = CLUSTER_DNS_V4 if family == 4 else CLUSTER_DNS_V6
+    for tcp in (False, True):
+        answer = lab.dns_query(SANDBOX, "web.lab.example", server=cluster_dns, tcp=tcp)
+        assert answer.rcode == "NOERROR" and answer.addresses == (WEB_V4,), (tcp, answer)
 
 
 def test_an_answer_over_the_per_name_cap_is_cut_and_the_daemon_stays_healthy(lab: Lab) -> None:
@@ -276,7 +310,7 @@ def test_the_demo_name_rows_hold(lab: Lab) -> None:
     assert all(r.ok for r in results), (
         "\n" + format_table(results) + "\n" + format_failures(results)
     )
-    assert "blocked.lab.example" not in lab.dns_log()
+    assert _asked(lab.dns_log(), "blocked.lab.example") == []
 
 
 # --- the lab whose daemon each test starts with its own arguments ----------------------------

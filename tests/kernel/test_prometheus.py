@@ -1,12 +1,15 @@
-"""A real Prometheus scrapes a lab gateway; every dashboard query and alert expression is run.
+"""A real Prometheus scrapes the lab's gateways; every dashboard query and alert expression is run.
 
-Prometheus (Debian's package) runs inside the lab's gateway namespace, where the daemon listens
-on 127.0.0.1:9460, scraping every second. The test first waits for a scrape, then drives
-allowed and denied DNS, accepted and rejected connections, a name over the per-name address cap,
-an upstream that refuses (listed first) and an invalid policy, and then asks Prometheus' HTTP
-API for every panel query of ``manifests/monitoring/grafana-dashboard.json`` (each must return
-data) and every alert expression of ``prometheusrule.yaml`` (each must parse). The operator CLI
-is run against the same daemon from inside the namespace.
+Each gateway node's daemon listens on 0.0.0.0:9460, as the DaemonSet's does; Prometheus (Debian's
+package) runs inside gateway-1's namespace and scrapes both gateway nodes at their node addresses
+every second, as the ServiceMonitor would: payments' traffic is seen by gateway-1, analytics' by
+gateway-2, and an egress IP is held when one of them holds it. The test first waits for a scrape
+of each, then drives allowed and denied DNS, accepted and rejected connections, a query from a
+source that is no workload, a name over the per-name address cap, an upstream that refuses
+(listed first) and an invalid policy, and then asks Prometheus' HTTP API for every panel query of
+``manifests/monitoring/grafana-dashboard.json`` (each must return data) and every alert
+expression of ``prometheusrule.yaml`` (each must parse). The operator CLI is run against
+gateway-1's daemon from inside its namespace.
 """
 
 from __future__ import annotations
@@ -28,15 +31,26 @@ import yaml
 from egressgw.datapath.netns import call_in
 from egressgw.lab import Lab
 from egressgw.lab.services import DNS_UPSTREAMS, daemon_available
-from egressgw.lab.topology import DB_V4, DNS_DEAD_V4, DNS_PORT, MANY_NAME
+from egressgw.lab.topology import (
+    DB_V4,
+    DNS_DEAD_V4,
+    DNS_PORT,
+    EGRESS_IPS,
+    GATEWAYS,
+    MANY_NAME,
+    gateway_of,
+)
 from tests.conftest import require, require_kernel, unique_name
 
 pytestmark = pytest.mark.kernel
 
 MONITORING = Path(__file__).parent.parent.parent / "manifests" / "monitoring"
-PROMETHEUS = "127.0.0.1:9090"  # inside the gateway namespace
-DAEMON = "http://127.0.0.1:9460"
-PAYMENTS, ANALYTICS, SANDBOX = "payments/api-0", "analytics/etl-0", "sandbox/shell-0"
+PROMETHEUS = "127.0.0.1:9090"  # inside gateway-1's namespace
+DAEMON = "http://127.0.0.1:9460"  # gateway-1's daemon, from inside its namespace
+METRICS_PORT = 9460
+# every gateway node's daemon, at its node address (the DaemonSet's --http-listen)
+TARGETS = [f"{gateway.ipv4}:{METRICS_PORT}" for gateway in GATEWAYS]
+PAYMENTS, ANALYTICS = "payments/api-0", "analytics/etl-0"
 BROKEN_POLICY = """\
 apiVersion: egressgw.io/v1alpha1
 kind: EgressPolicy
@@ -69,9 +83,7 @@ class Prometheus:
         self.ns = lab.netns_of("gw")
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "scrape_configs": [
-                {"job_name": "egressgw", "static_configs": [{"targets": ["127.0.0.1:9460"]}]}
-            ],
+            "scrape_configs": [{"job_name": "egressgw", "static_configs": [{"targets": TARGETS}]}],
         }
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.log = workdir / "prometheus.log"
@@ -123,10 +135,11 @@ def lab() -> Iterator[Lab]:
     require_kernel()
     require(daemon_available(), "`python -m egressgw run` is not available")
     require(shutil.which("prometheus") is not None, "needs prometheus (Debian package)")
-    upstreams = ["--upstream", f"{DNS_DEAD_V4}:{DNS_PORT}"]  # refuses: counted, then the next
+    args = ["--http-listen", f"0.0.0.0:{METRICS_PORT}"]  # reached at the node address
+    args += ["--upstream", f"{DNS_DEAD_V4}:{DNS_PORT}"]  # refuses: counted, then the next
     for upstream in DNS_UPSTREAMS:
-        upstreams += ["--upstream", upstream]
-    with Lab.up(unique_name("egp"), daemon_args=upstreams) as built:
+        args += ["--upstream", upstream]
+    with Lab.up(unique_name("egp"), daemon_args=args) as built:
         yield built
 
 
@@ -134,7 +147,12 @@ def lab() -> Iterator[Lab]:
 def prometheus(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
     server = Prometheus(lab, tmp_path_factory.mktemp("prometheus"))
     try:
-        server.wait_for('up{job="egressgw"} == 1')
+        ups = server.wait_for('up{job="egressgw"} == 1')
+        deadline = time.monotonic() + 30
+        while {s["metric"]["instance"] for s in ups} != set(TARGETS):
+            assert time.monotonic() < deadline, f"not every gateway is scraped: {ups}"
+            time.sleep(0.25)
+            ups = server.wait_for('up{job="egressgw"} == 1')
         drive_traffic(lab)
         yield server
     finally:
@@ -143,16 +161,19 @@ def prometheus(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[P
 
 def drive_traffic(lab: Lab) -> None:
     """Two rounds a few scrapes apart, so every rate() window sees an increase."""
-    since = lab.daemon_log_offset()
+    since = {gateway.name: lab.daemon_log_offset(node=gateway.name) for gateway in GATEWAYS}
     lab.write_manifest("zz-broken.yaml", BROKEN_POLICY)
-    lab.wait_for_daemon_log("broken", since=since)
+    for node, offset in since.items():
+        lab.wait_for_daemon_log("broken", since=offset, node=node)
+    # A node is no workload: payments' gateway, asked at its node address, refuses it.
+    interceptor = gateway_of("payments").ipv4
     for _ in range(2):
         assert lab.dns_query(PAYMENTS, "db.lab.example").rcode == "NOERROR"
         assert lab.dns_query(PAYMENTS, "db.lab.example").rcode == "NOERROR"  # a cache hit
         assert lab.dns_query(PAYMENTS, "web.lab.example").rcode == "NOERROR"
         assert lab.dns_query(PAYMENTS, "blocked.lab.example").rcode == "NXDOMAIN"
         assert lab.dns_query(ANALYTICS, "web.lab.example").rcode == "NXDOMAIN"
-        assert lab.dns_query(SANDBOX, "db.lab.example").rcode == "REFUSED"
+        assert lab.dns_query("worker-1", "db.lab.example", server=interceptor).rcode == "REFUSED"
         assert lab.dns_query(PAYMENTS, MANY_NAME, "AAAA", tcp=True).rcode == "NOERROR"
         assert lab.psql(PAYMENTS, DB_V4, "select 1").output == "1"  # accepted
         lab.http(PAYMENTS, lab.web_url(4, 8080), timeout_s=2)  # rejected: port outside policy
@@ -204,8 +225,11 @@ def test_traffic_and_denials_are_counted_per_namespace(prometheus: Prometheus) -
     )
     assert len(rejected) == 1
     denials = prometheus.wait_for("egressgw_dns_denials_total > 0")
-    # sandbox has no gateway: its queries are refused as from an unknown source (no namespace)
-    assert {s["metric"].get("namespace", "") for s in denials} == {"payments", "analytics", ""}
+    # payments' denials at gateway-1, analytics' at gateway-2; the node's query is refused as
+    # from an unknown source (no namespace)
+    found = {(s["metric"].get("namespace", ""), s["metric"]["instance"]) for s in denials}
+    gw1, gw2 = TARGETS
+    assert found == {("payments", gw1), ("analytics", gw2), ("", gw1)}
 
 
 def run_cli(lab: Lab, *argv: str) -> subprocess.CompletedProcess[str]:
@@ -216,11 +240,16 @@ def test_operator_cli_against_the_running_gateway(lab: Lab, prometheus: Promethe
     ips = run_cli(lab, "egress-ips", "--format", "json")
     assert ips.returncode == 0, ips.stderr
     held = {
-        (g["gateway"], ip["address"]): ip["held"]
+        (g["gateway"], ip["address"]): (ip["held"], ip["node"])
         for g in json.loads(ips.stdout)["gateways"]
         for ip in g["egressIPs"]
     }
-    assert held[("payments", "198.51.100.10")] is True
+    # gateway-1 holds payments' egress IPs; analytics' are held by the other gateway node, and
+    # the report says which
+    assert held == {
+        **{("payments", ip): (True, "gateway-1") for ip in EGRESS_IPS["payments"]},
+        **{("analytics", ip): (False, "gateway-2") for ip in EGRESS_IPS["analytics"]},
+    }
     allowed = run_cli(
         lab, "explain", "--namespace", "payments", "--pod", "api-0", "--host", "db.lab.example",
         "--port", "5432",
@@ -236,7 +265,7 @@ def test_operator_cli_against_the_running_gateway(lab: Lab, prometheus: Promethe
         lab, "explain", "--namespace", "payments", "--pod", "api-7", "--host", "db.lab.example"
     )
     assert unknown.returncode == 2
-    assert "no pod 'api-7' in namespace 'payments' (pods there: api-0)" in unknown.stderr
+    assert "no pod 'api-7' in namespace 'payments' (pods there: api-0, api-1)" in unknown.stderr
 
     def decisions() -> dict[str, Any]:
         with urllib.request.urlopen(f"{DAEMON}/v1/decisions?namespace=payments") as reply:

@@ -11,6 +11,7 @@ gateway, while what is still allowed keeps connecting and established connection
 from __future__ import annotations
 
 import itertools
+import re
 import time
 from collections.abc import Iterator
 
@@ -20,12 +21,13 @@ from egressgw.lab import Lab, Verdict
 from egressgw.lab.lab import url
 from egressgw.lab.manifests import CLUSTER_FILE, cluster_objects
 from egressgw.lab.services import daemon_available
-from egressgw.lab.topology import TEST_PORT, race_address, race_name
+from egressgw.lab.topology import TEST_PORT, pod_by_key, race_address, race_name
 from tests.conftest import require, require_kernel, unique_name
 
 pytestmark = pytest.mark.kernel
 
-PAYMENTS = "payments/api-0"
+PAYMENTS = "payments/api-0"  # on worker-1
+OTHER_API = "payments/api-1"  # on worker-2, the same labels: the same identity as api-0
 CLOSE_WITHIN_S = 2.0
 OTHER_PORT = 9001  # nothing listens there: "refused by server" shows the gateway let it through
 POLICY_FILE = "revocation.yaml"
@@ -94,8 +96,8 @@ def _cluster(relabel: dict[str, str] | None = None) -> str:
     return yaml.safe_dump_all(objects, sort_keys=False)
 
 
-def connect(lab: Lab, address: str, port: int = TEST_PORT) -> Verdict:
-    return lab.http(PAYMENTS, url(address, port), timeout_s=3).verdict
+def connect(lab: Lab, address: str, port: int = TEST_PORT, *, pod: str = PAYMENTS) -> Verdict:
+    return lab.http(pod, url(address, port), timeout_s=3).verdict
 
 
 def learn(lab: Lab, name: str, address: str) -> None:
@@ -122,6 +124,29 @@ def seconds_until_rejected(lab: Lab, since: float, *addresses: str, port: int = 
 
 def _learned(lab: Lab) -> str:
     return lab.exec("gw", ["nft", "list", "set", "inet", "egressgw", "allow6"], check=True).stdout
+
+
+def _identity_of(lab: Lab, pod: str) -> str | None:
+    """The mark the gateway gives the pod's IPv6 address now (its identity), if any."""
+    listing = lab.exec(
+        "gw", ["nft", "list", "map", "inet", "egressgw", "workloads6"], check=True
+    ).stdout
+    found = re.search(rf"(?<![\w:]){re.escape(pod_by_key(pod).ipv6)} : (0x[0-9a-f]+)", listing)
+    return found.group(1) if found else None
+
+
+def seconds_until_closed_for(lab: Lab, since: float, pod: str, address: str) -> float:
+    """Seconds from ``since`` until the gateway's learned set holds ``address`` on the test port
+    for the identity ``pod`` has now no more; then the pod's new connections must be rejected."""
+    deadline = since + 10
+    while time.monotonic() < deadline:
+        mark = _identity_of(lab, pod)
+        if mark is not None and f"{mark} . {address} . tcp . {TEST_PORT}" not in _learned(lab):
+            took = time.monotonic() - since
+            assert connect(lab, address, pod=pod) is Verdict.REJECTED_AT_GATEWAY, address
+            return took
+        time.sleep(0.02)
+    raise AssertionError(f"{address} still open for {pod} 10 s after the change")
 
 
 def change(lab: Lab, text: str) -> float:
@@ -199,7 +224,7 @@ def test_deleting_the_policy_closes_everything_it_opened_but_no_established_flow
         assert again["ok"] and again["local_port"] == first["local_port"], again
 
 
-def test_relabelling_a_pod_closes_what_its_old_identity_learned(lab: Lab) -> None:
+def test_relabelling_a_pod_closes_what_its_old_identity_learned_for_it(lab: Lab) -> None:
     name, address = fresh()
     both = (
         policy(to(f"fqdn: {name}"))
@@ -208,12 +233,20 @@ def test_relabelling_a_pod_closes_what_its_old_identity_learned(lab: Lab) -> Non
     )
     apply(lab, both)
     learn(lab, name, address)
+    # what api-0 learned is its identity's: api-1, with the same labels, may connect too
+    assert connect(lab, address, pod=OTHER_API) is Verdict.CONNECTED
+    before = _identity_of(lab, PAYMENTS)
+    assert before is not None
 
     since = time.monotonic()
     lab.write_manifest(CLUSTER_FILE, _cluster(relabel={"app": "moved"}))
-    took = seconds_until_rejected(lab, since, address)
-    print(f"\npod relabelled: the old identity's address rejected after {took:.2f} s")
+    took = seconds_until_closed_for(lab, since, PAYMENTS, address)
+    print(f"\npod relabelled: its old identity's address rejected for it after {took:.2f} s")
     assert took <= CLOSE_WITHIN_S
+    assert _identity_of(lab, PAYMENTS) != before
+    # api-1 keeps the old identity, and with it what that identity learned
+    assert _identity_of(lab, OTHER_API) == before
+    assert connect(lab, address, pod=OTHER_API) is Verdict.CONNECTED
     # the new identity is allowed the name, and gets the address once it resolves it itself
     learn(lab, name, address)
 

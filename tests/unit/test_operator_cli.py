@@ -357,8 +357,18 @@ def test_lab_usage_prints_operator_commands_for_the_lab() -> None:
         "explain --manifests /run/egressgw-lab/egl/manifests --namespace payments --pod api-0 "
         "--host db.lab.example --port 5432"
     ) in joined
-    assert "ip netns exec egl-gw " in joined
-    assert "egress-ips --url http://127.0.0.1:9460" in joined
+    # The daemon commands run inside the gateway nodes: analytics' question is asked of the node
+    # that holds its egress IPs (gateway-2), the egress IPs of gateway-1 (payments').
+    assert "ip netns exec egl-gateway-1 " in joined
+    assert any(
+        line.startswith("ip netns exec egl-gateway-2 ") and "--namespace analytics" in line
+        for line in commands
+    ), commands
+    assert any(
+        line.startswith("ip netns exec egl-gateway-1 ")
+        and "egress-ips --url http://127.0.0.1:9460" in line
+        for line in commands
+    ), commands
     assert "curl -s 'http://127.0.0.1:9460/v1/decisions?limit=5'" in joined
     assert "lab down --name egl" in joined
     without = usage("egl", Path("/run/egressgw-lab/egl"), daemon=False)

@@ -73,12 +73,20 @@ def test_example_policies_load_exactly() -> None:
             name="analytics",
             namespace_selector=LabelSelector((("project", "analytics"),)),
             egress_ips=(ip("198.51.100.20"), ip("2001:db8:100::20")),
+            # held by a gateway node of the project's egress group (the lab's gateway nodes)
+            node_selector=LabelSelector(
+                (("egressgw.io/egress-group", "analytics"), ("egressgw.io/gateway", "true"))
+            ),
             default_action=Action.DENY,
         ),
         EgressGateway(
             name="payments",
             namespace_selector=LabelSelector((("project", "payments"),)),
             egress_ips=(ip("198.51.100.10"), ip("2001:db8:100::10")),
+            # held by a gateway node of the project's egress group (the lab's gateway nodes)
+            node_selector=LabelSelector(
+                (("egressgw.io/egress-group", "payments"), ("egressgw.io/gateway", "true"))
+            ),
             default_action=Action.DENY,
         ),
     )
