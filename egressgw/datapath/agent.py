@@ -265,6 +265,16 @@ def render(
         f'oifname "{dev}" meta mark set meta mark and {keep:#010x}',
         f'oifname "{dev}" tcp flags syn tcp option maxseg size set rt mtu',
     ]
+    # outer packets are not tracked: each inner flow hashes to an outer source port of its
+    # own, and no rule here looks at an outer packet's connection state
+    rules["untracked"] = [
+        f"meta nfproto ipv4 udp dport {tunnel.port} ip saddr @peers4 notrack",
+        f"meta nfproto ipv6 udp dport {tunnel.port} ip6 saddr @peers6 notrack",
+    ]
+    rules["untracked_out"] = [
+        f"meta nfproto ipv4 udp dport {tunnel.port} ip daddr @peers4 notrack",
+        f"meta nfproto ipv6 udp dport {tunnel.port} ip6 daddr @peers6 notrack",
+    ]
     rules["from_tunnel"] = [
         f'iifname "{dev}" counter drop',
         f"meta nfproto ipv4 udp dport {tunnel.port} ip saddr != @peers4 counter drop",
@@ -279,6 +289,8 @@ def render(
         "steer": "type filter hook prerouting priority dstnat + 10; policy accept;",
         "keep_source": "type nat hook postrouting priority srcnat - 10; policy accept;",
         "into_tunnel": "type filter hook postrouting priority filter; policy accept;",
+        "untracked": "type filter hook prerouting priority raw; policy accept;",
+        "untracked_out": "type filter hook output priority raw; policy accept;",
         "from_tunnel": "type filter hook input priority filter; policy accept;",
         "to_pods": "type filter hook forward priority filter; policy accept;",
     }

@@ -584,7 +584,8 @@ def tunnel_elements(
     local_version: int, pods: Mapping[keys.IPAddress, keys.IPAddress]
 ) -> tuple[dict[str, list[Element]], list[str]]:
     """The tunnel sets' elements: (worker tunnel address . pod address), raw, in the set for
-    the pair of families; pods of workers the tunnel cannot reach are named in notes."""
+    the pair of families, and each worker's address in the peers set of its family; pods of
+    workers the tunnel cannot reach are named in notes."""
     wanted: dict[str, list[Element]] = {name: [] for name in skeleton.TUNNEL_SET_SPECS}
     notes: list[str] = []
     for pod, worker in sorted(pods.items(), key=lambda i: (i[0].version, i[0])):
@@ -593,6 +594,8 @@ def tunnel_elements(
             continue
         name = skeleton.tunnel_set_name(worker.version, pod.version)
         wanted[name].append(Element(key=worker.packed + pod.packed))
+    for worker in sorted({w for w in pods.values() if w.version == local_version}):
+        wanted[skeleton.tunnel_peers_set(worker.version)].append(Element(key=worker.packed))
     return wanted, notes
 
 

@@ -222,7 +222,15 @@ INNER_ETHERTYPE = "@ih,160,16"
 INNER_SOURCE = {4: "@ih,272,32", 6: "@ih,240,128"}
 ETHERTYPE = {4: "0x0800", 6: "0x86dd"}
 _OUTER = {4: ("ipv4", "ip"), 6: ("ipv6", "ip6")}
-TUNNEL_CHAINS = ("tunnel_in", "tunnel_check", "tunnel_local", "tunnel_dns", "tunnel_forward")
+TUNNEL_CHAINS = (
+    "tunnel_untracked",
+    "tunnel_untracked_out",
+    "tunnel_in",
+    "tunnel_check",
+    "tunnel_local",
+    "tunnel_dns",
+    "tunnel_forward",
+)
 DNS_PORT = 53
 
 
@@ -231,14 +239,27 @@ def tunnel_set_name(outer: int, inner: int) -> str:
     return f"tunnel{outer}_pods{inner}"
 
 
+def tunnel_peers_set(outer: int) -> str:
+    """The set of worker tunnel addresses of an IPv``outer`` tunnel."""
+    return f"tunnel{outer}_peers"
+
+
 TUNNEL_SET_SPECS = {
-    tunnel_set_name(outer, inner): SetSpec(
-        tunnel_set_name(outer, inner),
-        f"{_OUTER[outer][1]} saddr . {INNER_SOURCE[inner]}",
-        keyword="typeof",
-    )
-    for outer in FAMILIES
-    for inner in FAMILIES
+    **{
+        tunnel_set_name(outer, inner): SetSpec(
+            tunnel_set_name(outer, inner),
+            f"{_OUTER[outer][1]} saddr . {INNER_SOURCE[inner]}",
+            keyword="typeof",
+        )
+        for outer in FAMILIES
+        for inner in FAMILIES
+    },
+    **{
+        tunnel_peers_set(outer): SetSpec(
+            tunnel_peers_set(outer), "ipv4_addr" if outer == 4 else "ipv6_addr"
+        )
+        for outer in FAMILIES
+    },
 }
 
 
@@ -261,6 +282,10 @@ def render_tunnel(
     - prerouting (nat, before the node's own DNAT): DNS (UDP and TCP port 53) from the tunnel
       goes to ``dns_redirect`` of its family; without one for its family it is forwarded
       like any other traffic, under the policy;
+    - raw, outer packets (to the tunnel's UDP port, from a worker or to one): not tracked.
+      Each inner flow hashes to an outer source port of its own, so tracking them would cost a
+      second conntrack entry (and a NAT lookup) per tunnelled connection; nothing here matches
+      an outer packet's connection state;
     - forward: what comes out of the tunnel leaves only through the uplink, where the
       gateway's forward and SNAT rules apply to it as to any workload; TCP handshakes into
       the tunnel get their MSS clamped to its MTU.
@@ -297,6 +322,16 @@ def render_tunnel(
             f"dnat {ip} to {target}"
         )
     rules = {
+        "tunnel_untracked": [
+            f"meta nfproto {_OUTER[f][0]} udp dport {port} {_OUTER[f][1]} saddr "
+            f"@{tunnel_peers_set(f)} notrack"
+            for f in FAMILIES
+        ],
+        "tunnel_untracked_out": [
+            f"meta nfproto {_OUTER[f][0]} udp dport {port} {_OUTER[f][1]} daddr "
+            f"@{tunnel_peers_set(f)} notrack"
+            for f in FAMILIES
+        ],
         "tunnel_in": [
             f'iifname "{device}" goto tunnel_local',
             f"udp dport {port} goto tunnel_check",
@@ -314,6 +349,8 @@ def render_tunnel(
         ],
     }
     hooks = {
+        "tunnel_untracked": "type filter hook prerouting priority raw; policy accept;",
+        "tunnel_untracked_out": "type filter hook output priority raw; policy accept;",
         "tunnel_in": "type filter hook input priority filter; policy accept;",
         "tunnel_dns": "type nat hook prerouting priority dstnat - 10; policy accept;",
         "tunnel_forward": "type filter hook forward priority filter; policy accept;",

@@ -402,6 +402,18 @@ def test_a_steered_pod_leaves_through_its_gateway_with_the_egress_ip(
     assert echo.peers[before:] == [str(EGRESS["g1"][family])]
 
 
+def test_outer_tunnel_packets_cost_no_conntrack_entry_on_either_node(fresh: Cluster) -> None:
+    # every inner flow hashes to an outer source port of its own: tracked, each tunnelled
+    # connection would hold a second conntrack entry on the worker and on the gateway
+    for family in (4, 6):
+        assert fresh.tcp_roundtrip("pA1", family) == str(EGRESS["g1"][family])
+    for node in ("wA", "g1"):
+        listed = run(fresh.ns[node], "conntrack", "-L", "-p", "udp", "--dport", str(TUNNEL.port))
+        assert f"dport={TUNNEL.port}" not in listed, (node, listed)
+        inner = run(fresh.ns[node], "conntrack", "-L", "-p", "tcp", "--dport", str(PORT))
+        assert f"dport={PORT}" in inner, (node, inner)  # the inner flow itself is tracked
+
+
 @pytest.mark.parametrize("family", [4, 6])
 def test_unselected_pods_and_cluster_traffic_keep_their_path(fresh: Cluster, family: int) -> None:
     # the unselected pod leaves through its node (masqueraded by the CNI): the node's address
