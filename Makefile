@@ -10,6 +10,9 @@ DEMO_DEB_PACKAGES := nftables iproute2 dnsmasq-base postgresql curl procps util-
 TEST_DEB_PACKAGES := $(DEMO_DEB_PACKAGES) unbound dnsperf prometheus iperf3 conntrack \
 	netcat-openbsd iputils-ping
 PYTEST_ARGS ?=
+# test files run in parallel, each whole in one worker (its lab and fixtures built once); most
+# of a kernel test's time is spent waiting for processes and packets, not computing
+PYTEST_WORKERS ?= 2
 
 .PHONY: all deps demo-deps debs demo-debs venv demo-venv demo lab-up lab-down test lint unit \
 	kernel bench clean
@@ -71,7 +74,7 @@ lint: venv
 
 test: deps lint
 	$(VENV)/bin/egressgw policy check policies/
-	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 unit: venv
 	$(PY) -m pytest -q tests/unit
