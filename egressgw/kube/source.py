@@ -21,7 +21,7 @@ import asyncio
 import functools
 import logging
 import threading
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from kubernetes import client
@@ -96,7 +96,14 @@ def _readable(kind: str, obj: Obj) -> Obj | None:
 
 
 class KubeSource:
-    """``Source`` for the daemon; also what the status writer and Lease ownership read."""
+    """``Source`` for the daemon; also what the status writer and Lease ownership read.
+
+    What it watches (``_watches``), which kinds a Snapshot holds (``KINDS``) and what is read
+    of an object (``_readable``) are methods, so the agent's source differs only in those."""
+
+    KINDS: tuple[str, ...] = SNAPSHOT_KINDS
+    SYNCED_LINE = "every kind listed; reconciling"
+    THREAD_PREFIX = "watch-"
 
     def __init__(
         self,
@@ -109,7 +116,7 @@ class KubeSource:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._raw: dict[str, dict[Key, Obj]] = {}
-        self._parsed: dict[str, dict[Key, Parsed]] = {kind: {} for kind in SNAPSHOT_KINDS}
+        self._parsed: dict[str, dict[Key, Parsed]] = {kind: {} for kind in self.KINDS}
         self._cross_problems: list[Problem] = []
         self._dirty = True
         self._listed: set[str] = set()
@@ -131,7 +138,16 @@ class KubeSource:
                 settings=settings,
             )
 
-        self.reflectors = [
+        self.reflectors = self._watches(reflector, core, custom)
+
+    def _watches(
+        self,
+        reflector: Callable[..., Reflector],
+        core: client.CoreV1Api,
+        custom: client.CustomObjectsApi,
+    ) -> list[Reflector]:
+        """One Reflector per kind: ``reflector(kind, api_version, list_function, **kwargs)``."""
+        return [
             reflector("Namespace", "v1", core.list_namespace),
             reflector("Pod", "v1", core.list_pod_for_all_namespaces),
             reflector(
@@ -184,8 +200,12 @@ class KubeSource:
         return f"waiting for the first list of {', '.join(pending)}" if pending else None
 
     # -- reflector callbacks (watch threads) ----------------------------------------------------
+    def _readable(self, kind: str, obj: Obj) -> Obj | None:
+        """What ``parse_object`` is given of an object; None: not one the planner reads."""
+        return _readable(kind, obj)
+
     def _parse(self, kind: str, obj: Obj) -> Parsed | None:
-        readable = _readable(kind, obj)
+        readable = self._readable(kind, obj)
         if readable is None:
             return None
         built, problems = parse_object(readable, source=API_SOURCE)
@@ -241,7 +261,7 @@ class KubeSource:
             thread = threading.Thread(
                 target=reflector.run,
                 args=(self._stop,),
-                name=f"watch-{reflector.kind}",
+                name=f"{self.THREAD_PREFIX}{reflector.kind}",
                 daemon=True,
             )
             thread.start()
@@ -258,7 +278,7 @@ class KubeSource:
             self._dirty = False
             objects = [
                 (API_SOURCE, built)
-                for kind in SNAPSHOT_KINDS
+                for kind in self.KINDS
                 for built, _ in self._parsed[kind].values()
                 if built is not None
             ]
@@ -285,7 +305,7 @@ class KubeSource:
                 snapshot = await asyncio.to_thread(self.take)
                 if snapshot is not None:
                     if not self.synced.is_set():
-                        log.info("every kind listed; reconciling")
+                        log.info(self.SYNCED_LINE)
                     self.synced.set()
                     yield snapshot
         finally:
