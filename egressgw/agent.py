@@ -41,9 +41,9 @@ from egressgw import metrics
 from egressgw.contracts import AgentDatapath, EgressHolders, Source
 from egressgw.datapath.tunnel import TunnelSettings
 from egressgw.policy.model import IPAddress, IPNetwork, Snapshot
-from egressgw.runtime import bind_problem, check_host, listen_label
+from egressgw.runtime import Supervisor, check_host, serve_http
 from egressgw.steering import AgentPlan, agent_plan, manifest_holders
-from egressgw.web import Health, make_app, serve
+from egressgw.web import Health, make_app
 
 log = logging.getLogger("egressgw.agent")
 Clock = Callable[[], float]
@@ -121,7 +121,7 @@ def change_line(
     )
 
 
-class Agent:
+class Agent(Supervisor):
     """Keeps the agent's datapath in step with the desired state; built by ``app.build_agent``."""
 
     def __init__(
@@ -145,11 +145,10 @@ class Agent:
         self.failure: str | None = None  # why the latest apply failed
         self._notes: frozenset[str] = frozenset()  # the latest plan's notes, as logged
         self.backoff = Backoff()
-        self._stop = asyncio.Event()
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._tasks: list[asyncio.Task[None]] = []
         self._applying: asyncio.Future[bool] | None = None
+        super().__init__()
 
     # -- the reconcile step (one caller at a time; a worker thread in ``run``) ---------------
     def plan(self) -> AgentPlan | None:
@@ -207,9 +206,6 @@ class Agent:
             self.waiting = reason
 
     # -- what operators read --------------------------------------------------------------------
-    def alive(self) -> bool:
-        return all(not t.done() for t in self._tasks)
-
     def not_ready_reason(self) -> str | None:
         if self.failure is not None:
             return self.failure
@@ -287,32 +283,6 @@ class Agent:
                 self.failure = None
                 self.backoff.succeeded()
 
-    def _spawn(self, coro: object, name: str) -> None:
-        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
-        task.add_done_callback(self._task_done)
-        self._tasks.append(task)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled() or self._stop.is_set():
-            return
-        exc = task.exception()
-        log.critical("task %s stopped (%s); shutting down", task.get_name(), exc or "returned")
-        self._stop.set()
-
-    def request_stop(self) -> None:
-        self._stop.set()
-
-    async def _serve_http(self) -> web.AppRunner | None:
-        if not self.settings.http_listen:
-            return None
-        host, port = self.settings.http_listen
-        try:
-            runner = await serve(self.web_app(), host, port)
-        except OSError as exc:
-            raise bind_problem("--http-listen", [(host, port)], exc) from None
-        log.info("serving health and metrics on %s", listen_label(host, port))
-        return runner
-
     async def steer(self) -> int:
         """Follow the source and the holders and reconcile until ``request_stop``; 1 if a task
         failed. (``run`` is this with the host checked, HTTP served and signals handled.)"""
@@ -324,13 +294,10 @@ class Agent:
         try:
             await self._stop.wait()
         finally:
-            for task in self._tasks:
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self._cancel_tasks()
             if self._applying is not None:  # an apply under way finishes before the handles go
                 await asyncio.gather(self._applying, return_exceptions=True)
-        failed = [t for t in self._tasks if not t.cancelled() and t.done() and t.exception()]
-        return 1 if failed else 0
+        return 1 if self._failed() else 0
 
     async def run(self) -> int:
         """Steer until SIGTERM/SIGINT; ``runtime.StartupError`` if it cannot start."""
@@ -346,7 +313,7 @@ class Agent:
                     "interceptor never learns what they resolve"
                 )
             metrics.AGENT.bind(self.report)
-            runner = await self._serve_http()
+            runner = await serve_http(self.settings.http_listen, self.web_app, "health and metrics")
             result = await self.steer()
         finally:
             if runner is not None:

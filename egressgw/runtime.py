@@ -354,7 +354,58 @@ def _addresses_text(addresses: Sequence[AddressOnLink]) -> str:
     return "[" + ",".join(str(a) for a in addresses) + "]"
 
 
-class Daemon:
+class Supervisor:
+    """Tasks that must all keep running: the first that stops (or fails) stops the program,
+    as ``request_stop`` (SIGTERM, SIGINT) does."""
+
+    def __init__(self) -> None:
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def alive(self) -> bool:
+        return all(not t.done() for t in self._tasks)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def _spawn(self, coro: object, name: str) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
+        task.add_done_callback(self._task_done)
+        self._tasks.append(task)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or self._stop.is_set():
+            return
+        exc = task.exception()
+        log.critical("task %s stopped (%s); shutting down", task.get_name(), exc or "returned")
+        self._stop.set()
+
+    async def _cancel_tasks(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _failed(self) -> bool:
+        """Whether a task ended with an exception."""
+        return any(not t.cancelled() and t.done() and t.exception() for t in self._tasks)
+
+
+async def serve_http(
+    listen: tuple[str, int] | None, app: Callable[[], web.Application], what: str
+) -> web.AppRunner | None:
+    """Serve ``app()`` on ``--http-listen`` (None: nothing); ``StartupError`` if it cannot bind."""
+    if not listen:
+        return None
+    host, port = listen
+    try:
+        runner = await serve(app(), host, port)
+    except OSError as exc:
+        raise bind_problem("--http-listen", [(host, port)], exc) from None
+    log.info("serving %s on %s", what, listen_label(host, port))
+    return runner
+
+
+class Daemon(Supervisor):
     """Keeps the datapath in step with the source; built by ``app.build_gateway``."""
 
     def __init__(
@@ -383,15 +434,11 @@ class Daemon:
         self.applied_once = False
         self.apply_failure: str | None = None  # why the latest desired state is not in force
         self.last_plan: Plan | None = None
-        self._stop = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        super().__init__()
         self._addresses: UplinkAddresses | None = None
         self._dns: DnsServer | None = None
 
     # -- status -------------------------------------------------------------------------------
-    def alive(self) -> bool:
-        return all(not t.done() for t in self._tasks)
-
     def not_ready_reason(self) -> str | None:
         if not self.adopted:
             return "datapath not adopted yet"
@@ -634,32 +681,6 @@ class Daemon:
             gc.collect(1)
             gc.freeze()
 
-    def _spawn(self, coro: object, name: str) -> None:
-        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
-        task.add_done_callback(self._task_done)
-        self._tasks.append(task)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled() or self._stop.is_set():
-            return
-        exc = task.exception()
-        log.critical("task %s stopped (%s); shutting down", task.get_name(), exc or "returned")
-        self._stop.set()
-
-    def request_stop(self) -> None:
-        self._stop.set()
-
-    async def _serve_http(self) -> web.AppRunner | None:
-        if not self.settings.http_listen:
-            return None
-        host, port = self.settings.http_listen
-        try:
-            runner = await serve(self.web_app(), host, port)
-        except OSError as exc:
-            raise bind_problem("--http-listen", [(host, port)], exc) from None
-        log.info("serving health, metrics and the operator API on %s", listen_label(host, port))
-        return runner
-
     async def _adopt(self) -> None:
         try:
             await asyncio.to_thread(self.adopt)
@@ -696,7 +717,9 @@ class Daemon:
             metrics.DNS_ADDRESS_CAPS.labels("identity").set(
                 self.settings.dns.max_addresses_per_identity
             )
-            runner = await self._serve_http()
+            runner = await serve_http(
+                self.settings.http_listen, self.web_app, "health, metrics and the operator API"
+            )
             await self._adopt()
             if self.interceptor is not None:
                 await self._start_dns(self.interceptor)
@@ -706,9 +729,7 @@ class Daemon:
             self._spawn(self._collect_young(), "collect-young")
             await self._stop.wait()
         finally:
-            for task in self._tasks:
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self._cancel_tasks()
             if self._dns is not None:
                 await self._dns.close()
             if self.interceptor is not None:
@@ -723,6 +744,5 @@ class Daemon:
                 self._addresses.close()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
-        failed = [t for t in self._tasks if not t.cancelled() and t.done() and t.exception()]
         log.info("stopped; the datapath keeps enforcing the last state")
-        return 1 if failed else 0
+        return 1 if self._failed() else 0
