@@ -24,11 +24,12 @@ import gc
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 from egressgw import __version__
 
@@ -187,9 +188,11 @@ AGENT_APPLY_ERRORS = Counter(
 # -- scrape-time values from the kernel and the last plan ---------------------------------------
 
 
-@dataclass(frozen=True)
-class TrafficSample:
-    """Cumulative kernel counters of one identity (packets and bytes toward the uplink)."""
+class TrafficSample(NamedTuple):
+    """Cumulative kernel counters of one identity (packets and bytes toward the uplink).
+
+    A tuple: a scrape makes one per identity, and per namespace, tens of thousands of them.
+    """
 
     accepted_packets: int = 0
     accepted_bytes: int = 0
@@ -203,6 +206,11 @@ class TrafficSample:
             self.rejected_packets,
             self.rejected_bytes,
         )
+
+
+def _went_back(now: TrafficSample, before: TrafficSample) -> bool:
+    """Whether any of an identity's counters is lower than at the last scrape (restarted)."""
+    return now[0] < before[0] or now[1] < before[1] or now[2] < before[2] or now[3] < before[3]
 
 
 @dataclass(frozen=True)
@@ -288,24 +296,32 @@ class TrafficTotals:
 
     def _retire(self, namespace: str, sample: TrafficSample) -> None:
         old = self._retired.get(namespace, (0, 0, 0, 0))
-        self._retired[namespace] = tuple(  # type: ignore[assignment]
-            a + b for a, b in zip(old, sample.values(), strict=True)
+        self._retired[namespace] = (
+            old[0] + sample[0],
+            old[1] + sample[1],
+            old[2] + sample[2],
+            old[3] + sample[3],
         )
 
     def update(self, current: Mapping[int, tuple[str, TrafficSample]]) -> dict[str, TrafficSample]:
         for identity, (namespace, sample) in self._last.items():
             now = current.get(identity)
-            restarted = now is not None and any(
-                n < o for n, o in zip(now[1].values(), sample.values(), strict=True)
-            )
-            if now is None or now[0] != namespace or restarted:
+            if now is None or now[0] != namespace or _went_back(now[1], sample):
                 self._retire(namespace, sample)
         self._last = dict(current)
-        sums: dict[str, list[int]] = {ns: list(v) for ns, v in self._retired.items()}
+        sums: dict[str, tuple[int, int, int, int]] = dict(self._retired)
         for namespace, sample in current.values():
-            total = sums.setdefault(namespace, [0, 0, 0, 0])
-            for i, value in enumerate(sample.values()):
-                total[i] += value
+            total = sums.get(namespace)
+            sums[namespace] = (
+                sample.values()
+                if total is None
+                else (
+                    total[0] + sample[0],
+                    total[1] + sample[1],
+                    total[2] + sample[2],
+                    total[3] + sample[3],
+                )
+            )
         return {ns: TrafficSample(*v) for ns, v in sums.items()}
 
 
@@ -342,8 +358,10 @@ class GatewayCollector(Collector):
             "Destinations learned from DNS answers and allowed in the kernel, per namespace",
             labels=["namespace"],
         )
-        for namespace, count in sorted(report.learned_elements.items()):
-            elements.add_metric([namespace], count)
+        elements.samples = [
+            Sample("egressgw_allowed_elements", {"namespace": namespace}, count)
+            for namespace, count in sorted(report.learned_elements.items())
+        ]
         yield elements
 
         totals = self._totals.update(report.traffic)
@@ -357,11 +375,15 @@ class GatewayCollector(Collector):
             "Bytes from workloads toward the uplink, by namespace and verdict (kernel counters)",
             labels=["namespace", "verdict"],
         )
+        # samples made directly rather than by add_metric: 40,000 of them at 10,000 namespaces
+        packets_total, bytes_total = f"{packets.name}_total", f"{octets.name}_total"
         for namespace, sample in sorted(totals.items()):
-            packets.add_metric([namespace, "accepted"], sample.accepted_packets)
-            packets.add_metric([namespace, "rejected"], sample.rejected_packets)
-            octets.add_metric([namespace, "accepted"], sample.accepted_bytes)
-            octets.add_metric([namespace, "rejected"], sample.rejected_bytes)
+            accepted = {"namespace": namespace, "verdict": "accepted"}
+            rejected = {"namespace": namespace, "verdict": "rejected"}
+            packets.samples.append(Sample(packets_total, accepted, sample.accepted_packets))
+            packets.samples.append(Sample(packets_total, rejected, sample.rejected_packets))
+            octets.samples.append(Sample(bytes_total, accepted, sample.accepted_bytes))
+            octets.samples.append(Sample(bytes_total, rejected, sample.rejected_bytes))
         yield packets
         yield octets
 
@@ -379,8 +401,10 @@ class GatewayCollector(Collector):
             "Accepted EgressPolicies by namespace and mode",
             labels=["namespace", "mode"],
         )
-        for (namespace, mode), count in sorted(report.policies.items()):
-            policies.add_metric([namespace, mode], count)
+        policies.samples = [
+            Sample("egressgw_policies", {"namespace": namespace, "mode": mode}, count)
+            for (namespace, mode), count in sorted(report.policies.items())
+        ]
         yield policies
 
         invalid = GaugeMetricFamily(

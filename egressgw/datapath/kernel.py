@@ -503,16 +503,19 @@ class NftDatapath:
         heapq.heapify(self._expiries)
 
     def counters(self) -> dict[int, Traffic]:
-        """Packets and bytes toward the uplink per identity, accepted and rejected."""
+        """Packets and bytes toward the uplink per identity, accepted and rejected: one dump
+        of each accounting set (``NftSocket.dump_counters``), decoded without an ``Element``
+        per identity."""
         out: dict[int, Traffic] = {}
-        for name, accepted in (("acct_accepted", True), ("acct_rejected", False)):
-            for element in self.sock.dump(name):
-                packets, octets = element.counter or (0, 0)
-                traffic = out.setdefault(keys.parse_mark(element.key), Traffic())
-                if accepted:
-                    traffic.accepted_packets, traffic.accepted_bytes = packets, octets
-                else:
-                    traffic.rejected_packets, traffic.rejected_bytes = packets, octets
+        for key, packets, octets in self.sock.dump_counters("acct_accepted"):
+            out[keys.parse_mark(key)] = Traffic(packets, octets)
+        for key, packets, octets in self.sock.dump_counters("acct_rejected"):
+            identity = keys.parse_mark(key)
+            traffic = out.get(identity)
+            if traffic is None:
+                out[identity] = Traffic(0, 0, packets, octets)
+            else:
+                traffic.rejected_packets, traffic.rejected_bytes = packets, octets
         return out
 
     def learned_by_identity(self) -> dict[int, int]:
