@@ -16,6 +16,7 @@ task: the kernel counters are the truth and are already cumulative, so reading t
 Prometheus asks gives exact values with no second copy to drift and no timer to tune, and they
 are exposed as real counters so ``rate()`` works. ``TrafficTotals`` keeps each namespace's sums
 monotonic when an identity (and its kernel counter) goes away or its number is reused.
+Counters carry no ``_created`` series.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Info
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Info, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
@@ -41,6 +42,10 @@ if TYPE_CHECKING:  # metrics is imported by the layers below these: types only
     from egressgw.policy.model import Snapshot
 
 log = logging.getLogger("egressgw.metrics")
+
+# no ``_created`` series beside each counter: nothing queries them, and per namespace they were
+# a third of a big cluster's scrape (about 50,000 of 120,000 lines at 10,000 namespaces)
+disable_created_metrics()
 
 CounterChild = Counter  # what ``Counter.labels(...)`` returns
 
