@@ -99,8 +99,10 @@ class Reflector:
                 backoff = self._failed(stop, backoff, f"{type(exc).__name__}: {exc}")
 
     def _failed(self, stop: threading.Event, backoff: float, why: str) -> float:
-        self.stats.failures += 1
         self.connected = False
+        if stop.is_set():  # stopping: the stream was cut on purpose
+            return backoff
+        self.stats.failures += 1
         log.warning("%s: watch failed (%s); retrying in %.1f s", self.kind, why, backoff)
         stop.wait(backoff * random.uniform(0.8, 1.2))
         return min(backoff * 2, self.settings.backoff_max_s)
