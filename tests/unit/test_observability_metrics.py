@@ -25,19 +25,14 @@ from egressgw.metrics import (
     TrafficTotals,
 )
 from egressgw.policy.model import Action, Peer
+from egressgw.testing.upstream import FakeUpstream
 from tests.unit.test_dns_interceptor import API, ETL, Env, policy
 
 NAMES = 10_000
 
 
-class EveryName:
+class EveryName(FakeUpstream):
     """An upstream that answers ``nN.<anything>`` with its own AAAA record (no zone to scan)."""
-
-    async def start(self) -> None:
-        return None
-
-    def close(self) -> None:
-        return None
 
     async def resolve(self, question: Question, query: bytes) -> bytes:
         reply = DNSRecord.parse(query).reply()
@@ -68,7 +63,7 @@ def test_series_do_not_grow_with_distinct_names(caplog: pytest.LogCaptureFixture
         max_addresses_per_identity=20,  # caps are hit (and counted) along the way
         burst_per_source=float(NAMES),  # the fake clock stands still: no rate limiting
     )
-    env.interceptor.upstream = EveryName()  # type: ignore[assignment]
+    env.interceptor.upstream = EveryName()
 
     async def resolve(first: int, last: int) -> None:
         for i in range(first, last):
