@@ -11,9 +11,9 @@ import pytest
 
 from egressgw import app, logs
 from egressgw.agent import AgentSettings
-from egressgw.cli import main
 from egressgw.datapath.tunnel import TunnelSettings
 from egressgw.runtime import StartupError
+from tests.conftest import run_cli
 
 
 @pytest.fixture(autouse=True)
@@ -24,13 +24,7 @@ def _as_before(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     logs.configure("INFO", "text")
 
 
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+run = run_cli
 
 
 def agent_args(manifests: Path, *extra: str) -> list[str]:

@@ -22,15 +22,13 @@ from egressgw.explain import Explanation, Query, explain
 from egressgw.policy.load import load_paths
 from egressgw.report import gateway_egress, to_json
 from egressgw.web import Health, NotReady, Operator, make_app
+from tests.conftest import run_cli
 
 CLUSTER = Path(__file__).parent.parent / "testdata" / "observability"
 SNAPSHOT = load_paths([CLUSTER]).snapshot
 
 
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
+run = run_cli
 
 
 # -- egress-ips -------------------------------------------------------------------------------

@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 
 from egressgw import app, logs
-from egressgw.cli import _subparsers, build_parser, main
+from egressgw.cli import _subparsers, build_parser
 from egressgw.datapath.skeleton import SkeletonError
 from egressgw.lab.cli import usage
 from egressgw.runtime import Settings, adopt_problem, has_capability
+from tests.conftest import run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -66,13 +67,7 @@ def _logging_as_before() -> Iterator[None]:
     logs.configure("INFO", "text")
 
 
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+run = run_cli
 
 
 # -- mistakes: one line, exit 2 ---------------------------------------------------------------
