@@ -9,18 +9,25 @@ import ipaddress
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from egressgw import __version__
 from egressgw.logs import FORMATS, LEVELS
 
 if TYPE_CHECKING:
     from egressgw.agent import AgentSettings
+    from egressgw.app import KubeSettings
     from egressgw.datapath.tunnel import TunnelSettings
     from egressgw.policy.model import IPAddress, IPNetwork
     from egressgw.runtime import Settings
+
+
+class Program(Protocol):
+    """What ``app`` builds: a gateway or an agent."""
+
+    async def run(self) -> int: ...
 
 
 class Parser(argparse.ArgumentParser):
@@ -266,43 +273,46 @@ def agent_settings_of(args: argparse.Namespace) -> AgentSettings:
     )
 
 
-def _agent(args: argparse.Namespace) -> int:
-    from egressgw import app
+def _kube_settings(args: argparse.Namespace, **extra: Any) -> KubeSettings | None:
+    """Kubernetes mode's settings from the flags both commands share; None without it."""
+    from egressgw.app import KubeSettings
+
+    if not args.kubernetes:
+        return None
+    return KubeSettings(
+        node_name=args.node_name or "",
+        kubeconfig=Path(args.kubeconfig) if args.kubeconfig else None,
+        lease_namespace=args.lease_namespace,
+        **extra,
+    )
+
+
+def _serve(command: str, build: Callable[[], Program]) -> int:
+    """Build the program and run it until it stops; a setting or host that cannot work is one
+    line and exit status 2."""
+    from egressgw.app import ConfigError
     from egressgw.runtime import StartupError
 
-    kube = None
-    if args.kubernetes:
-        kube = app.KubeSettings(
-            node_name=args.node_name or "",
-            kubeconfig=Path(args.kubeconfig) if args.kubeconfig else None,
-            lease_namespace=args.lease_namespace,
-        )
     try:
-        agent = app.build_agent(agent_settings_of(args), kube)
-        return asyncio.run(agent.run())
-    except (app.ConfigError, StartupError) as exc:
-        print(f"egressgw agent: {exc}", file=sys.stderr)
+        program = build()
+        return asyncio.run(program.run())
+    except (ConfigError, StartupError) as exc:
+        print(f"egressgw {command}: {exc}", file=sys.stderr)
         return 2
+
+
+def _agent(args: argparse.Namespace) -> int:
+    from egressgw import app
+
+    kube = _kube_settings(args)
+    return _serve("agent", lambda: app.build_agent(agent_settings_of(args), kube))
 
 
 def _run(args: argparse.Namespace) -> int:
     from egressgw import app
-    from egressgw.runtime import StartupError
 
-    kube = None
-    if args.kubernetes:
-        kube = app.KubeSettings(
-            node_name=args.node_name or "",
-            kubeconfig=Path(args.kubeconfig) if args.kubeconfig else None,
-            lease_namespace=args.lease_namespace,
-            lease_duration_s=args.lease_duration,
-        )
-    try:
-        gateway = app.build_gateway(settings_of(args), kube)
-        return asyncio.run(gateway.run())
-    except (app.ConfigError, StartupError) as exc:
-        print(f"egressgw run: {exc}", file=sys.stderr)
-        return 2
+    kube = _kube_settings(args, lease_duration_s=args.lease_duration)
+    return _serve("run", lambda: app.build_gateway(settings_of(args), kube))
 
 
 def _policy_check(args: argparse.Namespace) -> int:
