@@ -438,49 +438,86 @@ class CpuMeter:
         return mine, max(0.0, (busy - mine) / wall_ns) if wall_ns else 0.0
 
 
+class Fleet:
+    """Connection servers in one namespace and clients in another (``Worker`` processes),
+    started together (each has answered once before any round) and stopped together."""
+
+    def __init__(
+        self,
+        servers: tuple[str, str, int],  # (namespace, CPU list, how many)
+        clients: tuple[str, str, int],
+        address: str,
+        port: int,
+        budget_s: float,  # how long a server may live
+    ) -> None:
+        self.servers: list[Worker] = []
+        self.clients: list[Worker] = []
+        (server_ns, server_cpus, server_count), (client_ns, client_cpus, client_count) = (
+            servers,
+            clients,
+        )
+        try:
+            for _ in range(server_count):
+                self.servers.append(
+                    Worker(server_ns, server_cpus, "_serve", address, str(port), str(budget_s))
+                )
+            for _ in range(client_count):
+                self.clients.append(Worker(client_ns, client_cpus, "_connect", address, str(port)))
+            for worker in self.servers + self.clients:
+                worker.receive(timeout=30.0)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        for worker in self.clients + self.servers:
+            worker.stop()
+
+    def pids(self) -> list[int]:
+        return [w.proc.pid for w in self.clients + self.servers]
+
+    def connections(self, seconds: float, attempts: int, reset: bool) -> tuple[float, int, int]:
+        """(connections/s, connections, errors) of all clients together, bounded by ``seconds``
+        and ``attempts`` (shared among the clients)."""
+        per_client = max(1, attempts // len(self.clients))
+        for client in self.clients:
+            client.send({"seconds": seconds, "max": per_client, "reset": reset})
+        done = [client.receive(timeout=seconds + 30.0) for client in self.clients]
+        rate = sum(r["connections"] / r["elapsed"] for r in done if r["elapsed"] > 0)
+        return rate, sum(int(r["connections"]) for r in done), sum(int(r["errors"]) for r in done)
+
+
 class TrafficBench:
     """The server and client workers, the same for every round of both configurations."""
 
     def __init__(self, hosts: Hosts, options: Options) -> None:
         self.hosts, self.o = hosts, options
-        self.servers: list[Worker] = []
-        self.clients: list[Worker] = []
+        self.fleet: Fleet | None = None
         self.softirq = softirq_threads()
 
     def __enter__(self) -> TrafficBench:
-        o, port = self.o, str(CPS_PORT)
-        budget = str(600 + o.cps_pairs * 2 * (o.cps_seconds + o.warmup_seconds + 30))
-        try:
-            for _ in range(o.servers):
-                self.servers.append(
-                    Worker(self.hosts.server, o.server_cpus, "_serve", SERVER4, port, budget)
-                )
-            for _ in range(o.clients):
-                self.clients.append(
-                    Worker(self.hosts.client, o.client_cpus, "_connect", SERVER4, port)
-                )
-            for worker in self.servers + self.clients:
-                worker.receive(timeout=30.0)
-        except BaseException:
-            self.__exit__()
-            raise
+        o = self.o
+        self.fleet = Fleet(
+            (self.hosts.server, o.server_cpus, o.servers),
+            (self.hosts.client, o.client_cpus, o.clients),
+            SERVER4,
+            CPS_PORT,
+            600 + o.cps_pairs * 2 * (o.cps_seconds + o.warmup_seconds + 30),
+        )
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for worker in self.clients + self.servers:
-            worker.stop()
+        if self.fleet is not None:
+            self.fleet.stop()
 
     def pids(self) -> list[int]:
-        return [w.proc.pid for w in self.clients + self.servers] + self.softirq
+        assert self.fleet is not None
+        return self.fleet.pids() + self.softirq
 
     def connections(self, seconds: float) -> tuple[float, int, int]:
         """(connections/s, connections, errors) of all clients together for one round."""
-        per_client = max(1, self.o.cps_max // len(self.clients))
-        for client in self.clients:
-            client.send({"seconds": seconds, "max": per_client, "reset": self.o.close == "rst"})
-        done = [client.receive(timeout=seconds + 30.0) for client in self.clients]
-        rate = sum(r["connections"] / r["elapsed"] for r in done if r["elapsed"] > 0)
-        return rate, sum(int(r["connections"]) for r in done), sum(int(r["errors"]) for r in done)
+        assert self.fleet is not None
+        return self.fleet.connections(seconds, self.o.cps_max, self.o.close == "rst")
 
     def prepare(self, mode: str) -> None:
         activate(self.hosts, mode)

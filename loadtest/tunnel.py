@@ -85,7 +85,7 @@ from loadtest.common import (
     verdict,
     version,
 )
-from loadtest.datapath import CpuMeter, Worker, softirq_threads
+from loadtest.datapath import CpuMeter, Fleet, softirq_threads
 
 SERVER_V4 = "203.0.113.40"
 CPS_PORT, IPERF_PORT = 7000, 5201
@@ -300,8 +300,7 @@ class TunnelBench:
         self.pod_ns = lab.netns_of(subject.pod.key)
         self.ext_ns = lab.netns_of("ext")
         self.worker_ns = lab.netns_of(subject.worker)
-        self.servers: list[Worker] = []
-        self.clients: list[Worker] = []
+        self.fleet: Fleet | None = None
         self.softirq = softirq_threads()
         self.path: str | None = None
 
@@ -314,25 +313,23 @@ class TunnelBench:
         self.lab.write_manifest(POLICY_FILE, policy_yaml(self.subject))
 
     def __enter__(self) -> TunnelBench:
-        o, port = self.o, str(CPS_PORT)
-        budget = str(600 + o.pairs * 2 * (o.cps_seconds + o.iperf_seconds + o.switch_timeout))
-        try:
-            self.servers = [Worker(self.ext_ns, o.server_cpus, "_serve", SERVER_V4, port, budget)]
-            for _ in range(o.clients):
-                self.clients.append(Worker(self.pod_ns, o.client_cpus, "_connect", SERVER_V4, port))
-            for worker in self.servers + self.clients:
-                worker.receive(timeout=30.0)
-        except BaseException:
-            self.__exit__()
-            raise
+        o = self.o
+        self.fleet = Fleet(
+            (self.ext_ns, o.server_cpus, 1),
+            (self.pod_ns, o.client_cpus, o.clients),
+            SERVER_V4,
+            CPS_PORT,
+            600 + o.pairs * 2 * (o.cps_seconds + o.iperf_seconds + o.switch_timeout),
+        )
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for worker in self.clients + self.servers:
-            worker.stop()
+        if self.fleet is not None:
+            self.fleet.stop()
 
     def worker_pids(self) -> list[int]:
-        return [w.proc.pid for w in self.clients + self.servers]
+        assert self.fleet is not None
+        return self.fleet.pids()
 
     # -- switching paths --------------------------------------------------------------------------
     def steered(self) -> bool:
@@ -372,7 +369,8 @@ class TunnelBench:
         matches = [f"ip saddr {self.subject.source(p)} ip daddr {SERVER_V4} tcp dport {CPS_PORT}"
                    for p in PATHS]  # fmt: skip
         with self.lab.counting("ext", *matches) as read:
-            client = self.clients[0]
+            assert self.fleet is not None
+            client = self.fleet.clients[0]
             client.send({"seconds": 3.0, "max": 1, "reset": False})
             done = client.receive(timeout=30.0)
             counts = dict(zip(PATHS, read(), strict=True))
@@ -394,12 +392,8 @@ class TunnelBench:
     def connections(self, seconds: float) -> tuple[float, int, int]:
         """(connections/s, connections, errors) of all clients together, bounded by ``seconds``
         and ``--cps-max`` attempts."""
-        per_client = max(1, self.o.cps_max // len(self.clients))
-        for client in self.clients:
-            client.send({"seconds": seconds, "max": per_client, "reset": False})
-        done = [client.receive(timeout=seconds + 30.0) for client in self.clients]
-        rate = sum(r["connections"] / r["elapsed"] for r in done if r["elapsed"] > 0)
-        return rate, sum(int(r["connections"]) for r in done), sum(int(r["errors"]) for r in done)
+        assert self.fleet is not None
+        return self.fleet.connections(seconds, self.o.cps_max, reset=False)
 
     def connection_window(self) -> Window:
         ticks, t0 = cpu_ticks(), time.perf_counter()
