@@ -239,10 +239,10 @@ def render(
     # checked here rather than in a forward chain of its own, one hook fewer per packet
     rules: dict[str, list[str]] = {
         "keep_destination": [],
-        "steer": [
-            f'iifname "{dev}" meta nfproto ipv4 ip daddr != @steered4 counter drop',
-            f'iifname "{dev}" meta nfproto ipv6 ip6 daddr != @steered6 counter drop',
-            f'iifname "{dev}" return',
+        "steer": [f'iifname "{dev}" goto arrived'],
+        "arrived": [
+            "meta nfproto ipv4 ip daddr != @steered4 counter drop",
+            "meta nfproto ipv6 ip6 daddr != @steered6 counter drop",
         ],
     }
     for f in (4, 6):
@@ -270,9 +270,11 @@ def render(
         f'oifname "{dev}" meta nfproto ipv4 snat ip to ip saddr',
         f'oifname "{dev}" meta nfproto ipv6 snat ip6 to ip6 saddr',
     ]
+    # one rule, one device name compare per packet: the mark is cleared (the outer packet's
+    # route must not follow it), then a TCP handshake gets its MSS clamped to the tunnel's MTU
     rules["into_tunnel"] = [
-        f'oifname "{dev}" meta mark set meta mark and {keep:#010x}',
-        f'oifname "{dev}" tcp flags syn tcp option maxseg size set rt mtu',
+        f'oifname "{dev}" meta mark set meta mark and {keep:#010x} '
+        "tcp flags syn tcp option maxseg size set rt mtu",
     ]
     # outer packets are not tracked: each inner flow hashes to an outer source port of its
     # own, and no rule here looks at an outer packet's connection state

@@ -35,7 +35,8 @@ from egressgw.datapath.netns import command
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-SKELETON_VERSION = 2
+SKELETON_VERSION = 3
+OUTSIDE_CHAIN = "outside"  # filled by the tunnel, never flushed by ``render``
 FAMILIES = (4, 6)
 _IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
 
@@ -91,7 +92,9 @@ SET_SPECS = {spec.name: spec for spec in set_specs()}
 
 def _forward_rules(uplink: str) -> list[str]:
     rules = [
-        f'oifname != "{uplink}" return',
+        # what does not leave through the uplink is not the policy's: only the tunnel's rules
+        # (in OUTSIDE_CHAIN, empty without a tunnel) look at it
+        f'oifname != "{uplink}" goto {OUTSIDE_CHAIN}',
         # a packet conntrack cannot place (a lone RST, an ACK of a flow it never saw) skips NAT:
         # it would leave with the workload's own address
         "ct state invalid counter drop",
@@ -167,6 +170,7 @@ def render(table: str, uplink: str) -> str:
             "meta nfproto ipv6 snat ip6 to meta mark map @snat6",
         ],
     }
+    lines.append(f"add chain inet {table} {OUTSIDE_CHAIN}")
     for chain in rules:  # every chain exists and is empty before any rule jumps to one
         hook = hooks.get(chain)
         lines.append(f"add chain inet {table} {chain}" + (f" {{ {hook} }}" if hook else ""))
@@ -229,8 +233,8 @@ TUNNEL_CHAINS = (
     "tunnel_check",
     "tunnel_local",
     "tunnel_dns",
-    "tunnel_forward",
 )
+STALE_TUNNEL_CHAINS = ("tunnel_forward",)  # what older versions had, removed on load
 DNS_PORT = 53
 
 
@@ -286,9 +290,10 @@ def render_tunnel(
       Each inner flow hashes to an outer source port of its own, so tracking them would cost a
       second conntrack entry (and a NAT lookup) per tunnelled connection; nothing here matches
       an outer packet's connection state;
-    - forward: what comes out of the tunnel leaves only through the uplink, where the
-      gateway's forward and SNAT rules apply to it as to any workload; TCP handshakes into
-      the tunnel get their MSS clamped to its MTU.
+    - forward, in the skeleton's ``outside`` chain (what does not leave through the uplink,
+      so no forward hook of its own): what comes out of the tunnel leaves only through the
+      uplink, where the gateway's forward and SNAT rules apply to it as to any workload; TCP
+      handshakes into the tunnel get their MSS clamped to its MTU.
     """
     check_ifname(uplink)
     check_ifname(device)
@@ -343,8 +348,8 @@ def render_tunnel(
             "counter drop",
         ],
         "tunnel_dns": dns,
-        "tunnel_forward": [
-            f'iifname "{device}" oifname != "{uplink}" counter drop',
+        OUTSIDE_CHAIN: [
+            f'iifname "{device}" counter drop',
             f'oifname "{device}" tcp flags syn tcp option maxseg size set rt mtu',
         ],
     }
@@ -353,14 +358,13 @@ def render_tunnel(
         "tunnel_untracked_out": "type filter hook output priority raw; policy accept;",
         "tunnel_in": "type filter hook input priority filter; policy accept;",
         "tunnel_dns": "type nat hook prerouting priority dstnat - 10; policy accept;",
-        "tunnel_forward": "type filter hook forward priority filter; policy accept;",
     }
     lines = [spec.declaration(table) for spec in TUNNEL_SET_SPECS.values()]
-    for chain in TUNNEL_CHAINS:
+    for chain in (*TUNNEL_CHAINS, OUTSIDE_CHAIN):
         hook = hooks.get(chain)
         lines.append(f"add chain inet {table} {chain}" + (f" {{ {hook} }}" if hook else ""))
         lines.append(f"flush chain inet {table} {chain}")
-    for chain in TUNNEL_CHAINS:
+    for chain in (*TUNNEL_CHAINS, OUTSIDE_CHAIN):
         lines += [f"add rule inet {table} {chain} {rule}" for rule in rules[chain]]
     return "\n".join(lines) + "\n"
 
@@ -375,8 +379,12 @@ def load_tunnel(
 ) -> None:
     """Add or replace the tunnel chains in the gateway's table, keeping the sets' elements."""
     script = render_tunnel(table, uplink, device, port, dns_redirect)
-    if listing(table, netns) is None:
+    found = listing(table, netns)
+    if found is None:
         raise SkeletonError(f"table {table} does not exist: load the gateway skeleton first")
+    stale = [c for c in STALE_TUNNEL_CHAINS if c in found["chain"]]
+    for chain in stale:
+        script += f"flush chain inet {table} {chain}\ndelete chain inet {table} {chain}\n"
     run_script(script, f"the tunnel chains of table {table}", netns)
 
 
@@ -385,11 +393,12 @@ def unload_tunnel(table: str, netns: str | None = None) -> bool:
     found = listing(table, netns)
     if found is None:
         return False
-    chains = [c for c in TUNNEL_CHAINS if c in found["chain"]]
+    chains = [c for c in (*TUNNEL_CHAINS, *STALE_TUNNEL_CHAINS) if c in found["chain"]]
     sets = [s for s in TUNNEL_SET_SPECS if s in found["set"]]
     if not chains and not sets:
         return False
-    lines = [f"flush chain inet {table} {c}" for c in chains]
+    lines = [f"flush chain inet {table} {OUTSIDE_CHAIN}"] if OUTSIDE_CHAIN in found["chain"] else []
+    lines += [f"flush chain inet {table} {c}" for c in chains]
     lines += [f"delete chain inet {table} {c}" for c in chains]
     lines += [f"delete set inet {table} {s}" for s in sets]
     run_script("\n".join(lines) + "\n", f"removing the tunnel chains of table {table}", netns)

@@ -146,6 +146,7 @@ class Rule(NamedTuple):
     fwmask: int = 0
     blackhole: bool = False
     invert: bool = False
+    iif: str = ""  # only packets that arrived on this device ("lo": this node's own)
 
 
 class Neighbour(NamedTuple):
@@ -216,7 +217,7 @@ RTN_UNICAST = 1
 RTNH_F_ONLINK = 4
 NDA_DST, NDA_LLADDR, NDA_IFINDEX = 1, 2, 8
 NUD_PERMANENT = 0x80
-FRA_PRIORITY, FRA_FWMARK, FRA_TABLE, FRA_FWMASK = 6, 10, 15, 16
+FRA_IIFNAME, FRA_PRIORITY, FRA_FWMARK, FRA_TABLE, FRA_FWMASK = 3, 6, 10, 15, 16
 FR_ACT_BLACKHOLE = 6
 FIB_RULE_INVERT = 0x2
 NLA_F_NESTED = 0x8000
@@ -365,9 +366,12 @@ def decode_route(raw: bytes) -> DumpedRoute:
 def decode_rule(raw: bytes) -> Rule:
     family, _d, _s, _tos, table, _r1, _r2, action, flags = _FIBRULE.unpack_from(raw, NLMSGHDR.size)
     values = {FRA_PRIORITY: 0, FRA_FWMARK: 0, FRA_FWMASK: 0, FRA_TABLE: table}
-    for attr, first, _last in attributes(raw, NLMSGHDR.size + _FIBRULE.size, len(raw)):
+    iif = ""
+    for attr, first, last in attributes(raw, NLMSGHDR.size + _FIBRULE.size, len(raw)):
         if attr in values:
             (values[attr],) = _U32.unpack_from(raw, first)
+        elif attr == FRA_IIFNAME:
+            iif = raw[first:last].split(b"\0", 1)[0].decode("ascii", "replace")
     blackhole = action == FR_ACT_BLACKHOLE
     return Rule(
         family=_VERSION.get(family, 0),
@@ -377,6 +381,7 @@ def decode_rule(raw: bytes) -> Rule:
         fwmask=values[FRA_FWMASK],
         blackhole=blackhole,
         invert=bool(flags & FIB_RULE_INVERT),
+        iif=iif,
     )
 
 
@@ -757,6 +762,8 @@ class Tunnel:
         if rule.fwmark or rule.fwmask:
             kwargs["fwmark"] = rule.fwmark
             kwargs["fwmask"] = rule.fwmask
+        if rule.iif:
+            kwargs["iifname"] = rule.iif
         if rule.blackhole:
             kwargs["action"] = "FR_ACT_BLACKHOLE"
         else:

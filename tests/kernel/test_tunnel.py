@@ -563,6 +563,52 @@ def test_other_inner_protocols_and_short_packets_are_dropped_at_the_gateway(
     assert fresh.nft_counters("g1", "egressgw", "tunnel_check") == drops + 2
 
 
+def _ipv4_udp(source: IPAddress, destination: IPAddress, port: int, payload: bytes) -> bytes:
+    total = 20 + 8 + len(payload)
+    header = struct.pack(
+        "!BBHHHBBH4s4s", 0x45, 0, total, 0, 0x4000, 64, 17, 0, source.packed, destination.packed
+    )
+    words = sum(struct.unpack("!10H", header))
+    while words >> 16:
+        words = (words & 0xFFFF) + (words >> 16)
+    header = header[:10] + struct.pack("!H", ~words & 0xFFFF) + header[12:]
+    return header + struct.pack("!HHHH", 40000, port, 8 + len(payload), 0) + payload
+
+
+def test_what_comes_out_of_the_tunnel_leaves_only_through_the_uplink(fresh: Cluster) -> None:
+    """A packet of a real pod of worker A, tunnelled toward an address the gateway reaches on
+    its node network (worker B) rather than its uplink, is dropped and counted there."""
+    mac_g1, mac_wa = (
+        bytes.fromhex(mac_for(G1).replace(":", "")),
+        bytes.fromhex(mac_for(WA).replace(":", "")),
+    )
+    inner = mac_g1 + mac_wa + b"\x08\x00" + _ipv4_udp(addr("pA1", 4), WB, 9, b"sideways")
+
+    def send() -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind((str(WA), 0))
+            sock.sendto(_vxlan(TUNNEL.vni, inner), (str(G1), TUNNEL.port))
+
+    # reverse-path filtering would refuse it before the rule does (the way back to a pod is
+    # known only for what leaves through the uplink): the rule stands without it
+    g1 = fresh.ns["g1"]
+    saved = {
+        k: run(g1, "sysctl", "-n", f"net.ipv4.conf.{k}.rp_filter").strip() for k in ("all", "egw0")
+    }
+    for key in saved:
+        sysctl(g1, f"net.ipv4.conf.{key}.rp_filter", "0")
+    try:
+        drops = fresh.nft_counters("g1", "egressgw", "outside")
+        checked = fresh.nft_counters("g1", "egressgw", "tunnel_check")
+        call_in(fresh.ns["wA"], send)
+        time.sleep(0.2)
+        assert fresh.nft_counters("g1", "egressgw", "tunnel_check") == checked  # a real pod
+        assert fresh.nft_counters("g1", "egressgw", "outside") == drops + 1
+    finally:
+        for key, value in saved.items():
+            sysctl(g1, f"net.ipv4.conf.{key}.rp_filter", value)
+
+
 # --- restart and hand-over -------------------------------------------------------------------
 
 
@@ -605,6 +651,9 @@ def test_a_gateway_restart_keeps_an_established_connection(fresh: Cluster) -> No
         fresh.closers += [datapath.close, tunnel.close]
         fresh.gateways["g1"], fresh.tunnels["g1"] = datapath, tunnel
         datapath.adopt()  # the gateway's own skeleton: its reload keeps the tunnel chains
+        assert 'iifname "egw0" counter' in run(
+            ns, "nft", "list", "chain", "inet", "egressgw", "outside"
+        )
         conn.sendall(b"three\n")
         assert conn.recv(16) == b"three\n"
         tunnel.setup(G1, redirect)
@@ -711,7 +760,13 @@ def test_what_the_kernel_holds_for_one_plan(fresh: Cluster) -> None:
     back = run(ns["g1"], "ip", "route", "show", "table", "7795")
     assert f"{addr('pA1', 4)} via {WA} dev egw0 proto static onlink" in back
     assert f"{addr('pB1', 4)} via {WB} dev egw0 proto static onlink" in back
-    assert "lookup 7795" in run(ns["g1"], "ip", "rule")
+    # the reply table is consulted for replies from the uplink and the gateway's own packets,
+    # not for what arrives from the tunnel
+    for family in ("-4", "-6"):
+        rules = run(ns["g1"], "ip", family, "rule")
+        assert "90:\tfrom all iif up0 lookup 7795" in rules
+        assert "90:\tfrom all iif lo lookup 7795" in rules
+        assert rules.count("7795") == 2
     elements = run(ns["g1"], "nft", "list", "set", "inet", "egressgw", "tunnel4_pods4")
     assert "198.51.100.1 . 0xc000020a" in elements
 
@@ -727,7 +782,14 @@ def test_remove_uninstalls_everything_and_setup_builds_it_again(fresh: Cluster) 
     assert "tunnel" not in run(ns["g1"], "nft", "list", "table", "inet", "egressgw")
     # the gateway's own table is intact, and an unselected pod never noticed
     assert fresh.tcp_roundtrip("pA2", 4) == str(WA)
+    # a forward chain of its own, as an older version had, goes when the tunnel is set up
+    run(
+        ns["g1"],
+        "nft",
+        "add chain inet egressgw tunnel_forward { type filter hook forward priority filter; }",
+    )
     fresh.tunnels["g1"].setup(G1, [(G1, DNS_STAND_IN_PORT), (G1_6, DNS_STAND_IN_PORT)])
+    assert "tunnel_forward" not in run(ns["g1"], "nft", "list", "table", "inet", "egressgw")
     fresh.agents["wA"].setup(WA)
     fresh.baseline()
     assert fresh.tcp_roundtrip("pA1", 4) == str(EGRESS["g1"][4])
