@@ -426,10 +426,10 @@ class Lab:
 
     def netns_of(self, where: str) -> str:
         """Namespace of a pod (``payments/api-0`` or ``api-0``), a node (``worker-1``, ...,
-        ``gateway-2``; ``gw`` and ``worker`` are ``gateway-1`` and ``worker-1``), or ``router``,
-        ``dns``, ``ext``."""
+        ``gateway-2``; ``gw`` and ``worker`` are ``gateway-1`` and ``worker-1``), or ``switch``,
+        ``router``, ``dns``, ``ext``."""
         n = self.names
-        fixed = {"router": n.router, "dns": n.dns, "ext": n.ext}
+        fixed = {"switch": n.switch, "router": n.router, "dns": n.dns, "ext": n.ext}
         name = ALIASES.get(where, where)
         if name in fixed:
             return fixed[name]

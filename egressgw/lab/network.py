@@ -2,9 +2,11 @@
 
 In: a lab's namespace names. Out: the cluster of ``topology`` wired up in network namespaces:
 
-- the node network, a bridge (``nodes0``) in the router's namespace with a port per node and one
-  for the cluster DNS host; every node routes each worker's pod CIDR to that worker and the
-  Service CIDR to the cluster DNS host (host-gw style), and everything else to the router;
+- the node network, a switch: a bridge (``nodes0``) in a namespace of its own with a port per
+  node, one for the cluster DNS host and one for the router, so that a node reaches the router
+  and another node alike, across the switch; every node routes each worker's pod CIDR to that
+  worker and the Service CIDR to the cluster DNS host (host-gw style), and everything else to
+  the router;
 - on each worker, a pod bridge (``cbr0``) with its pods on it;
 - the external network, a bridge (``ext0``) in the external namespace with the router's and the
   gateways' uplinks on it; its servers' addresses on its loopback, and no route back into the
@@ -77,6 +79,7 @@ from egressgw.lab.topology import (
 OBSERVER_TABLE = "egressgw_lab_observe"  # in the external namespace
 ROUTER_TABLE = "egressgw_lab_router"  # in the router's namespace
 DNS_HOST_PORT = "n-dns"  # the cluster DNS host's port on the node network's switch
+ROUTER_NODE_PORT = "n-router"  # the router's port on the node network's switch
 ROUTER_EXT_PORT = "x-router"  # the router's port on the external network's bridge
 
 # DAD is off everywhere so IPv6 addresses are usable at once.
@@ -130,7 +133,7 @@ def _sysctls(names: NetnsNames) -> None:
         settings = dict(_NO_DAD)
         if ns in (*names.nodes, names.router):
             settings |= _ROUTING
-        if ns in (names.router, names.ext):
+        if ns in (names.switch, names.ext):
             settings |= _SWITCH
         if ns in (names.node(worker.name) for worker in WORKERS):
             settings |= _POD_BRIDGE
@@ -139,20 +142,24 @@ def _sysctls(names: NetnsNames) -> None:
 
 def _links(names: NetnsNames) -> None:
     """Veth pairs, each created inside a lab namespace with its peer placed in another one."""
-    router: list[str] = [f"link add {SWITCH_IFNAME} {_BRIDGE}"]
+    switch: list[str] = [f"link add {SWITCH_IFNAME} {_BRIDGE}"]
     for node in NODES:
-        router.append(
+        switch.append(
             f"link add {node.switch_port} type veth peer name {NODE_IFNAME}"
             f" netns {names.node(node.name)}"
         )
-    router.append(f"link add {DNS_HOST_PORT} type veth peer name {NODE_IFNAME} netns {names.dns}")
-    router.append(
-        f"link add {UPLINK_IFNAME} type veth peer name {ROUTER_EXT_PORT} netns {names.ext}"
+    switch.append(f"link add {DNS_HOST_PORT} type veth peer name {NODE_IFNAME} netns {names.dns}")
+    switch.append(
+        f"link add {ROUTER_NODE_PORT} type veth peer name {NODE_IFNAME} netns {names.router}"
     )
-    for port in (*(node.switch_port for node in NODES), DNS_HOST_PORT):
-        router.append(f"link set {port} master {SWITCH_IFNAME} up")
-    router.append(f"link set {SWITCH_IFNAME} up")
-    netns.ip_batch(names.router, router)
+    for port in (*(node.switch_port for node in NODES), DNS_HOST_PORT, ROUTER_NODE_PORT):
+        switch.append(f"link set {port} master {SWITCH_IFNAME} up")
+    switch.append(f"link set {SWITCH_IFNAME} up")
+    netns.ip_batch(names.switch, switch)
+    netns.ip_batch(
+        names.router,
+        [f"link add {UPLINK_IFNAME} type veth peer name {ROUTER_EXT_PORT} netns {names.ext}"],
+    )
 
     ext: list[str] = [f"link add {EXT_IFNAME} {_BRIDGE}"]
     for gateway in GATEWAYS:
@@ -195,8 +202,9 @@ def _infrastructure(names: NetnsNames) -> None:
     netns.ip_batch(
         names.router,
         [
-            _addr(ROUTER_NODE_V4, NODE_PREFIX_V4, SWITCH_IFNAME),
-            _addr(ROUTER_NODE_V6, NODE_PREFIX_V6, SWITCH_IFNAME),
+            _addr(ROUTER_NODE_V4, NODE_PREFIX_V4, NODE_IFNAME),
+            _addr(ROUTER_NODE_V6, NODE_PREFIX_V6, NODE_IFNAME),
+            f"link set {NODE_IFNAME} up",
             _addr(ROUTER_V4, UPLINK_PREFIX_V4, UPLINK_IFNAME),
             _addr(ROUTER_V6, UPLINK_PREFIX_V6, UPLINK_IFNAME),
             f"link set {UPLINK_IFNAME} up",
@@ -305,20 +313,25 @@ def _counters(names: list[str]) -> list[str]:
 
 
 def _install_router(names: NetnsNames) -> None:
-    """Masquerade what the cluster sends out (ordinary node egress), counted per pod."""
+    """Masquerade what the cluster sends out (ordinary node egress), counted per pod: one
+    lookup per packet, so counting costs the router path what a single rule does."""
     lines = [f"table inet {ROUTER_TABLE} {{"]
     lines += _counters([routed_counter(pod, f) for pod in PODS for f in (4, 6)])
+    for family, kind in ((4, "ipv4_addr"), (6, "ipv6_addr")):
+        entries = ", ".join(
+            f'{pod.ipv4 if family == 4 else pod.ipv6} : "{routed_counter(pod, family)}"'
+            for pod in PODS
+        )
+        lines += [
+            f"  map routed{family} {{",
+            f"    type {kind} : counter",
+            f"    elements = {{ {entries} }}",
+            "  }",
+        ]
     lines.append("  chain count {")
     lines.append("    type filter hook forward priority filter; policy accept;")
-    for pod in PODS:
-        lines.append(
-            f'    oifname "{UPLINK_IFNAME}" ip saddr {pod.ipv4}'
-            f' counter name "{routed_counter(pod, 4)}"'
-        )
-        lines.append(
-            f'    oifname "{UPLINK_IFNAME}" ip6 saddr {pod.ipv6}'
-            f' counter name "{routed_counter(pod, 6)}"'
-        )
+    lines.append(f'    oifname "{UPLINK_IFNAME}" counter name ip saddr map @routed4')
+    lines.append(f'    oifname "{UPLINK_IFNAME}" counter name ip6 saddr map @routed6')
     lines.append("  }")
     lines.append("  chain node_egress {")
     lines.append("    type nat hook postrouting priority srcnat; policy accept;")
@@ -394,14 +407,14 @@ def counting(
 def _ports(node_name: str) -> list[tuple[str, str]]:
     """(namespace role, port) pairs that connect a node to its switches."""
     node = node_by_name(node_name)
-    ports = [("router", node.switch_port)]
+    ports = [("switch", node.switch_port)]
     if isinstance(node, Gateway):
         ports.append(("ext", node.ext_port))
     return ports
 
 
 def _set_ports(names: NetnsNames, node_name: str, state: str) -> None:
-    where = {"router": names.router, "ext": names.ext}
+    where = {"switch": names.switch, "ext": names.ext}
     for role, port in _ports(node_name):
         netns.run(["ip", "-n", where[role], "link", "set", port, state])
 
@@ -419,7 +432,7 @@ def plug(names: NetnsNames, node_name: str) -> None:
 
 def unplugged(names: NetnsNames, node_name: str) -> bool:
     """Whether any of the node's switch ports is down."""
-    where = {"router": names.router, "ext": names.ext}
+    where = {"switch": names.switch, "ext": names.ext}
     for role, port in _ports(node_name):
         proc = netns.run(["ip", "-n", where[role], "-j", "link", "show", port], check=False)
         try:

@@ -78,9 +78,9 @@ CLUSTER_CIDRS: tuple[str, ...] = (
 CLUSTER_SUPERNET_V4 = "192.0.2.0/24"
 CLUSTER_SUPERNET_V6 = "2001:db8:1::/48"
 
-# The node network: a bridge in the router's namespace is its switch.
+# The node network: a bridge in a namespace of its own (the switch); the router is a host on it.
 NODE_IFNAME = "eth0"  # every node's (and the cluster DNS host's) link to the node network
-SWITCH_IFNAME = "nodes0"  # the bridge, in the router's namespace
+SWITCH_IFNAME = "nodes0"  # the bridge, in the switch's namespace
 ROUTER_NODE_V4 = "192.0.2.193"
 ROUTER_NODE_V6 = "2001:db8:1:200::193"
 
@@ -123,7 +123,7 @@ class Worker:
 
     @property
     def switch_port(self) -> str:
-        """Its port on the node network's switch (in the router's namespace)."""
+        """Its port on the node network's switch (in the switch's namespace)."""
         return f"n-{self.name}"
 
 
@@ -499,6 +499,11 @@ class NetnsNames:
         return f"{self.lab}-router"
 
     @property
+    def switch(self) -> str:
+        """The node network's switch: a bridge with a port per node, the router's included."""
+        return f"{self.lab}-switch"
+
+    @property
     def dns(self) -> str:
         """The cluster DNS host."""
         return f"{self.lab}-dns"
@@ -516,9 +521,10 @@ class NetnsNames:
         return tuple(self.node(node.name) for node in NODES)
 
     @property
-    def infrastructure(self) -> tuple[str, str, str]:
-        """The namespaces that are no node and no pod: router, cluster DNS, external network."""
-        return (self.router, self.dns, self.ext)
+    def infrastructure(self) -> tuple[str, str, str, str]:
+        """The namespaces that are no node and no pod: the node network's switch, router,
+        cluster DNS, external network."""
+        return (self.switch, self.router, self.dns, self.ext)
 
     def all(self) -> tuple[str, ...]:
         """Every namespace of the lab, in creation order (removal goes in reverse)."""
