@@ -256,15 +256,15 @@ def render(
                 f"meta nfproto {nfproto} {ip} saddr @steered{f} {dns_match} dnat {ip} to {ip} daddr"
             )
         rules["steer"].append(f"meta nfproto {nfproto} {ip} saddr @steered{f} goto steer{f}")
-        rules[f"steer{f}"] = [
-            *([f"{dns_match} goto mark{f}"] if dns else []),
-            f"{ip} daddr {{ {', '.join(map(str, stay))} }} return",
-            f"goto mark{f}",
-        ]
-        rules[f"mark{f}"] = [
+        # a steered pod's packet toward the outside: three rules; toward the cluster: its DNS
+        # to a DNS address is steered too (a DNS address outside the cluster CIDRs is outside)
+        mark = [
             f"meta mark set {ip} saddr map @steered{f}",
             f"meta mark != @routable{f} counter drop",
         ]
+        rules[f"steer{f}"] = [f"{ip} daddr {{ {', '.join(map(str, stay))} }} goto inside{f}", *mark]
+        rules[f"inside{f}"] = [f"{dns_match} goto mark{f}"] if dns else []
+        rules[f"mark{f}"] = mark
     keep = 0xFFFFFFFF & ~steering.mark_mask
     rules["keep_source"] = [
         f'oifname "{dev}" meta nfproto ipv4 snat ip to ip saddr',
@@ -277,10 +277,12 @@ def render(
         "tcp flags syn tcp option maxseg size set rt mtu",
     ]
     # outer packets are not tracked: each inner flow hashes to an outer source port of its
-    # own, and no rule here looks at an outer packet's connection state
-    rules["untracked"] = [
-        f"meta nfproto ipv4 udp dport {tunnel.port} ip saddr @peers4 notrack",
-        f"meta nfproto ipv6 udp dport {tunnel.port} ip6 saddr @peers6 notrack",
+    # own, and no rule here looks at an outer packet's connection state. Every packet of the
+    # node passes here: anything else costs it one rule
+    rules["untracked"] = [f"udp dport {tunnel.port} goto untracked_peer"]
+    rules["untracked_peer"] = [
+        "meta nfproto ipv4 ip saddr @peers4 notrack",
+        "meta nfproto ipv6 ip6 saddr @peers6 notrack",
     ]
     rules["untracked_out"] = [
         f"meta nfproto ipv4 udp dport {tunnel.port} ip daddr @peers4 notrack",
@@ -489,7 +491,7 @@ class AgentDatapath:
 
     def dropped(self) -> int:
         """Packets of steered pods dropped for want of a next hop, since the table was made."""
-        return _counted(self.table, ("mark4", "mark6"), self.netns)
+        return _counted(self.table, ("steer4", "mark4", "steer6", "mark6"), self.netns)
 
     def remove(self) -> None:
         """Uninstall: the table first (nothing is marked any more), then rules, routes, device."""

@@ -95,12 +95,12 @@ def _forward_rules(uplink: str) -> list[str]:
         # what does not leave through the uplink is not the policy's: only the tunnel's rules
         # (in OUTSIDE_CHAIN, empty without a tunnel) look at it
         f'oifname != "{uplink}" goto {OUTSIDE_CHAIN}',
-        # a packet conntrack cannot place (a lone RST, an ACK of a flow it never saw) skips NAT:
-        # it would leave with the workload's own address
-        "ct state invalid counter drop",
         # established packets of a workload's flow are counted under the identity kept in ct mark
         "ct state established,related ct mark @acct_accepted accept",
         "ct state established,related accept",
+        # a packet conntrack cannot place (a lone RST, an ACK of a flow it never saw) skips NAT:
+        # it would leave with the workload's own address
+        "ct state invalid counter drop",
         "meta mark set 0",
         "meta nfproto ipv4 meta mark set ip saddr map @workloads4",
         "meta nfproto ipv6 meta mark set ip6 saddr map @workloads6",
@@ -228,6 +228,7 @@ ETHERTYPE = {4: "0x0800", 6: "0x86dd"}
 _OUTER = {4: ("ipv4", "ip"), 6: ("ipv6", "ip6")}
 TUNNEL_CHAINS = (
     "tunnel_untracked",
+    "tunnel_untracked_peer",
     "tunnel_untracked_out",
     "tunnel_in",
     "tunnel_check",
@@ -327,9 +328,10 @@ def render_tunnel(
             f"dnat {ip} to {target}"
         )
     rules = {
-        "tunnel_untracked": [
-            f"meta nfproto {_OUTER[f][0]} udp dport {port} {_OUTER[f][1]} saddr "
-            f"@{tunnel_peers_set(f)} notrack"
+        # every packet of the node passes here: anything not to the tunnel's port costs one rule
+        "tunnel_untracked": [f"udp dport {port} goto tunnel_untracked_peer"],
+        "tunnel_untracked_peer": [
+            f"meta nfproto {_OUTER[f][0]} {_OUTER[f][1]} saddr @{tunnel_peers_set(f)} notrack"
             for f in FAMILIES
         ],
         "tunnel_untracked_out": [
@@ -337,9 +339,11 @@ def render_tunnel(
             f"@{tunnel_peers_set(f)} notrack"
             for f in FAMILIES
         ],
+        # outer packets first: one rule to their check. A tunnelled packet to that port (no
+        # outer packet: its source is a pod's) fails the same check
         "tunnel_in": [
-            f'iifname "{device}" goto tunnel_local',
             f"udp dport {port} goto tunnel_check",
+            f'iifname "{device}" goto tunnel_local',
         ],
         "tunnel_check": check,
         "tunnel_local": [

@@ -311,7 +311,7 @@ def test_the_agent_ruleset_leaves_the_cluster_and_link_local_traffic_alone() -> 
         [A("192.0.2.253")],
     )
     assert "ip daddr { 127.0.0.0/8, 169.254.0.0/16, 192.0.2.0/24, 224.0.0.0/4," in script
-    assert "ip6 daddr { ::1/128, 2001:db8:10::/48, fe80::/10, ff00::/8 } return" in script
+    assert "ip6 daddr { ::1/128, 2001:db8:10::/48, fe80::/10, ff00::/8 } goto inside6" in script
     assert script.count("dnat") == 1  # DNS addresses of IPv4 only: no IPv6 DNS rule
     assert "meta mark set meta mark and 0xffffff80" in script
     with pytest.raises(ValueError, match="interface name"):
