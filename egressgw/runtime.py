@@ -17,6 +17,7 @@ socket is opened again by the housekeeping until it can be.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import gc
 import ipaddress
@@ -58,6 +59,39 @@ COLLECT_INTERVAL_S = 1.0
 RETRY_FIRST_S = 1.0  # a failed apply is tried again after this, doubling up to RETRY_MAX_S
 RETRY_MAX_S = 30.0
 CAP_NET_ADMIN = 12  # the capability's bit in /proc/self/status CapEff
+
+
+TRIM_LEAST = 1024  # entries held at the least before a drop to a quarter calls for a trim
+
+
+class Trimmer:
+    """Gives free memory back once what a burst of traffic made the daemon remember has been
+    dropped: a full collection empties the interpreter's free lists (what waits there to be
+    reused keeps alive the 1 MiB arena of the small-object allocator it sits in), then glibc's
+    ``malloc_trim`` hands the C heap's free pages back (the large tables of the caches and of
+    the datapath's mirror were freed into it, which otherwise keeps them resident).
+
+    When: after a drop that left nothing, or left a quarter of the most held since the last
+    time (if that was ``least`` entries or more). Not under steady load, where what is freed
+    is soon used again."""
+
+    def __init__(self, least: int = TRIM_LEAST) -> None:
+        self.least = least
+        self.peak = 0  # the most entries held since the last trim
+        self._malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+
+    def due(self, dropped: int, held: int) -> bool:
+        """Whether to trim now that ``dropped`` entries were dropped and ``held`` remain."""
+        self.peak = max(self.peak, held + dropped)
+        if not dropped or (held and (self.peak < self.least or 4 * held > self.peak)):
+            return False
+        self.peak = held
+        return True
+
+    def trim(self) -> None:
+        """The C heap's part, from any thread."""
+        if self._malloc_trim is not None:  # glibc's; other C libraries have no such call
+            self._malloc_trim(0)
 
 
 class StartupError(RuntimeError):
@@ -437,6 +471,7 @@ class Daemon(Supervisor):
         super().__init__()
         self._addresses: UplinkAddresses | None = None
         self._dns: DnsServer | None = None
+        self._trimmer = Trimmer()
 
     # -- status -------------------------------------------------------------------------------
     def not_ready_reason(self) -> str | None:
@@ -660,10 +695,14 @@ class Daemon(Supervisor):
     async def _housekeeping(self) -> None:
         while True:
             await asyncio.sleep(HOUSEKEEPING_INTERVAL_S)
-            self.datapath.forget_expired()
+            dropped, held = self.datapath.forget_expired(), 0
             if self.interceptor is not None:
-                self.interceptor.forget_expired()
+                dropped += self.interceptor.forget_expired()
+                held = sum(self.interceptor.remembered().values())
                 self.interceptor.upstream.reopen()  # those that could not be opened yet
+            if self._trimmer.due(dropped, held):
+                gc.collect()
+                await asyncio.to_thread(self._trimmer.trim)
 
     async def _collect_young(self) -> None:
         """Answers and decisions the DNS path caches between applies are long-lived too. A

@@ -487,6 +487,8 @@ class NftDatapath:
                 if entry is not None and entry[0] <= expiry:  # not written again since
                     del mirror[key]
                     dropped += 1
+                    if not mirror:  # emptied: a dict keeps the room of what it held
+                        mirror.clear()
             if len(heap) > 2 * sum(map(len, self._learned.values())) + 4096:
                 self._rebuild_expiries()  # mostly superseded or removed entries: start over
             return dropped

@@ -87,6 +87,9 @@ class AddressBudget:
             if not known:
                 del self.heaps[identity]
                 self.known.pop(identity, None)
+        if not self.known:  # emptied, a dict keeps its room until it is cleared
+            self.known.clear()
+            self.heaps.clear()
         return dropped
 
     def retain(self, identities: Iterable[int]) -> None:
@@ -122,9 +125,13 @@ class RateLimiter:
 
     def forget_paid(self, now: float) -> int:
         """Forget the sources that owe nothing by ``now``; how many."""
-        before = len(self._paid_until)
-        self._paid_until = {k: t for k, t in self._paid_until.items() if t > now}
-        return before - len(self._paid_until)
+        paid_until = self._paid_until
+        paid = [source for source, t in paid_until.items() if t <= now]
+        for source in paid:
+            del paid_until[source]
+        if not paid_until:
+            paid_until.clear()  # in place: the room it had goes back, the dict stays put
+        return len(paid)
 
     def allow(self, source: Source, now: float) -> bool:
         paid_until = self._paid_until.get(source)

@@ -194,9 +194,11 @@ def _keep_addresses(response: bytes, chain: set[str], limit: int) -> bytes:
 
 class AnswerCache:
     """Answers by cache key, least recently used evicted at ``maxsize``; an expired answer is
-    dropped when it is next asked for, or by ``forget_expired``, which costs what expired."""
+    dropped when it is next asked for, or by ``forget_expired``, which costs what expired. Once
+    everything has expired, the table gives its memory back."""
 
     def __init__(self, maxsize: int = 65536) -> None:
+        self.maxsize = maxsize
         self._entries: LRUCache[CacheKey, Answer] = LRUCache(maxsize=maxsize)
         self._expiries: list[tuple[float, CacheKey, float]] = []  # (expiry, key, stored_at)
 
@@ -223,6 +225,9 @@ class AnswerCache:
             if answer is not None and answer.stored_at == stored_at:  # not replaced since
                 del entries[key]
                 dropped += 1
+        if not entries and dropped:  # emptied: a dict keeps the room of what it held
+            self._entries = LRUCache(maxsize=self.maxsize)
+            heap.clear()
         if len(heap) > 2 * len(entries) + 1024:  # mostly evicted or replaced: start over
             self._expiries = [(a.stored_at + a.ttl, k, a.stored_at) for k, a in entries.items()]
             heapq.heapify(self._expiries)

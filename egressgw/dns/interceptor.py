@@ -271,6 +271,10 @@ class Interceptor:
         self._counters: dict[tuple[str, str], metrics.CounterChild] = {}
         self._cache_hit = metrics.DNS_CACHE.labels("hit")
         self._cache_miss = metrics.DNS_CACHE.labels("miss")
+        # every series made now, not at its first use in the middle of a burst of queries
+        self._remembered = {
+            kind: metrics.DNS_REMEMBERED.labels(kind) for kind in metrics.REMEMBERED_KINDS
+        }
         for verdict, reason in OUTCOMES:
             self._count(verdict, reason, 0)
 
@@ -338,7 +342,7 @@ class Interceptor:
             del self._cap_logged[identity]
         self._allowed_lines.roll(now)  # a quiet gateway still says what its last second left out
         for kind, held in self.remembered().items():
-            metrics.DNS_REMEMBERED.labels(kind).set(held)
+            self._remembered[kind].set(held)
         return dropped
 
     def remembered(self) -> dict[str, int]:

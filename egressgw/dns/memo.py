@@ -15,7 +15,8 @@ The rules, all here:
 - a new plan drops both for identities it decides differently, and replies of sources that now
   belong to another identity or to none;
 - an eviction drops every programmed-answer memo (some answers are no longer fully programmed);
-- a full memory starts again empty, and what expired is dropped by ``forget_expired``.
+- a full memory starts again empty, and what expired is dropped by ``forget_expired``;
+- eviction counts start again at 0 whenever no reply is held (none carries a count then).
 """
 
 from __future__ import annotations
@@ -115,9 +116,19 @@ class Memo:
         if len(heap) > 2 * len(programmed) + 1024:
             heap[:] = [(until, key) for key, until in programmed.items()]
             heapq.heapify(heap)
-        live = {key: entry for key, entry in self.replies.items() if entry[0] > now}
-        dropped += len(self.replies) - len(live)
-        self.replies = live
+        replies = self.replies
+        stale = [key for key, entry in replies.items() if entry[0] <= now]
+        for rkey in stale:
+            del replies[rkey]
+        dropped += len(stale)
+        # Emptied, a dict still holds the room of what it held, until it is cleared: in place,
+        # since a new dict made now would sit among what a burst of queries left behind.
+        if not programmed:
+            programmed.clear()
+            heap.clear()
+        if not replies:
+            replies.clear()
+            self.evictions.clear()  # no reply carries a count now: they may start again at 0
         return dropped
 
     def sizes(self) -> tuple[int, int]:

@@ -397,6 +397,9 @@ class DnsServer:
             self._sources[connection.source] = left
         else:
             del self._sources[connection.source]
+        if not self._connections:  # the last one: what a burst of connections held goes back
+            self._connections.clear()  # (emptied, a set or dict keeps its room until cleared)
+            self._sources.clear()
 
     async def close(self) -> None:
         loop = asyncio.get_running_loop()

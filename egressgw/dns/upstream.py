@@ -570,6 +570,9 @@ class Upstream:
             asks.popleft()
             del ask.server.pending[ask.ident]
             self._trouble(ask, UpstreamError("timed out"))
+        for server in self._servers:  # nothing in flight: what a burst had in flight goes back
+            if not server.pending:
+                server.pending.clear()  # (emptied, a dict keeps its room until cleared)
 
     def _trouble(self, ask: _Ask, outcome: bytes | Exception) -> None:
         """Go on with ``ask`` as ``resolve`` would: a truncated answer (``outcome`` is its

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dnslib import EDNS0, QTYPE, RCODE, RR, SOA, A, DNSRecord, EDNSOption
 
 from egressgw.dns.cache import AnswerCache, prepare
-from egressgw.dns.wire import EDNS_UDP_SIZE, parse_question
+from egressgw.dns.wire import EDNS_UDP_SIZE, CacheKey, parse_question
+from egressgw.runtime import Trimmer
 
 NOW = 1000.0
 COOKIE = EDNSOption(10, bytes(range(24)))  # the upstream's DNS cookie, for the first asker
@@ -121,3 +122,36 @@ def test_an_answer_asked_with_ad_or_cd_is_not_shared_with_a_query_without() -> N
     checking_disabled.header.cd = 1
     keys = {parse_question(bytes(r.pack())).cache_key for r in (plain, flagged, checking_disabled)}
     assert len(keys) == 3  # a validating upstream's AD bit, or an unvalidated answer, stays apart
+
+
+def test_a_cache_emptied_by_expiry_keeps_caching_within_its_size() -> None:
+    cache = AnswerCache(maxsize=4)
+
+    def put(name: str, now: float) -> CacheKey:
+        asked = query(name)
+        question = parse_question(asked)
+        answer = prepare(
+            upstream_answer(asked), question, now, min_ttl=5, max_ttl=3600, max_addresses=64
+        )
+        cache.put(question.cache_key, answer)
+        return question.cache_key
+
+    for i in range(4):
+        put(f"n{i}.example", NOW)
+    assert cache.forget_expired(NOW + 3600) == 4 and len(cache) == 0
+    later = [put(f"m{i}.example", NOW + 4000) for i in range(6)]
+    assert len(cache) == 4  # still bounded by its size
+    assert cache.get(later[-1], NOW + 4001) is not None
+    assert cache.get(later[0], NOW + 4001) is None  # the least recently used went
+
+
+def test_memory_goes_back_after_a_burst_is_forgotten_not_under_steady_load() -> None:
+    trimmer = Trimmer(least=100)
+    assert not trimmer.due(dropped=0, held=10)  # nothing dropped
+    assert not trimmer.due(dropped=50, held=400)  # steady load: most of it still held
+    assert not trimmer.due(dropped=100, held=300)
+    assert trimmer.due(dropped=200, held=100)  # a burst of 500 is down to a fifth of it
+    assert not trimmer.due(dropped=10, held=90)  # measured from there on
+    assert trimmer.due(dropped=90, held=0)  # everything forgotten: always
+    assert not trimmer.due(dropped=5, held=20)  # a small one never
+    trimmer.trim()  # glibc's malloc_trim here; harmless where there is none
