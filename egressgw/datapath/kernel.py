@@ -144,6 +144,9 @@ class NftDatapath:
         self.netns = netns
         self._clock = clock
         self._sock: NftSocket | None = None
+        # the scrape's counter dumps go over a socket of their own: a long apply holds the
+        # other one for as long as it writes, and a scrape need not wait for it
+        self._reader: NftSocket | None = None
         self._static: dict[str, dict[ElementKey, Element]] = {}
         # set -> element key -> (expiry on our clock, element); mirrors learned elements so a
         # destination that already outlives the requested lifetime costs no netlink round trip.
@@ -170,15 +173,18 @@ class NftDatapath:
         return self._sock
 
     def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        for sock in (self._sock, self._reader):
+            if sock is not None:
+                sock.close()
+        self._sock = self._reader = None
 
     def adopt(self) -> Adopted:
         """Load the skeleton (keeping existing elements) and read back what is in force."""
         skeleton.load(self.table, self.uplink, self.netns)
         if self._sock is None:
             self._sock = call_in(self.netns, lambda: NftSocket(self.table, self.buffer_bytes))
+        if self._reader is None:
+            self._reader = call_in(self.netns, lambda: NftSocket(self.table))
         now = self._clock()
         adopted = Adopted()
         self._static = {}
@@ -507,11 +513,14 @@ class NftDatapath:
     def counters(self) -> dict[int, Traffic]:
         """Packets and bytes toward the uplink per identity, accepted and rejected: one dump
         of each accounting set (``NftSocket.dump_counters``), decoded without an ``Element``
-        per identity."""
+        per identity. Over a socket of its own: it never waits for an apply."""
+        reader = self._reader
+        if reader is None:
+            raise RuntimeError("datapath not adopted yet")
         out: dict[int, Traffic] = {}
-        for key, packets, octets in self.sock.dump_counters("acct_accepted"):
+        for key, packets, octets in reader.dump_counters("acct_accepted"):
             out[keys.parse_mark(key)] = Traffic(packets, octets)
-        for key, packets, octets in self.sock.dump_counters("acct_rejected"):
+        for key, packets, octets in reader.dump_counters("acct_rejected"):
             identity = keys.parse_mark(key)
             traffic = out.get(identity)
             if traffic is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import json
+import threading
 import time
 from collections.abc import Iterator
 
@@ -280,6 +281,22 @@ def test_traffic_is_counted_per_identity_accepted_and_rejected(
     # two connections (SYN, ACK, data, FIN, ... toward the server): several packets each
     assert counts.accepted_packets >= 6 and counts.accepted_bytes > 300
     assert counts.rejected_packets == 1 and counts.rejected_bytes >= 40
+
+
+def test_a_scrape_is_answered_while_an_apply_holds_the_datapath(
+    topo: Topology, datapath: NftDatapath
+) -> None:
+    datapath.reconcile(desired())
+    roundtrip(topo, SERVER4, 5432)
+    scraped: list[int] = []
+    scrape = threading.Thread(
+        target=lambda: scraped.append(datapath.counters()[PAYMENTS].accepted_packets)
+    )
+    with datapath.sock._lock:  # what a long apply holds while it writes
+        scrape.start()
+        scrape.join(timeout=30)  # a bound for a failing run, not a measure of speed
+        assert not scrape.is_alive(), "the scrape waited for the apply"
+    assert scraped and scraped[0] >= 3
 
 
 def test_skeleton_upgrade_keeps_the_elements_of_an_older_table(
