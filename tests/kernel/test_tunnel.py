@@ -40,6 +40,7 @@ from egressgw.datapath.kernel import GatewayTunnel, NftDatapath
 from egressgw.datapath.netns import call_in
 from egressgw.datapath.state import DesiredState
 from egressgw.datapath.tunnel import TunnelSettings, link_local_for, mac_for
+from egressgw.lab.forge import TCP_FLAGS, ip_packet, send_tunnelled, tcp_segment, vxlan_frame
 from egressgw.steering import AgentPlan, TunnelPeers
 from tests.conftest import require_kernel, unique_name
 from tests.kernel.topology import ip, sysctl, tcp_listener
@@ -563,31 +564,12 @@ def test_other_inner_protocols_and_short_packets_are_dropped_at_the_gateway(
     assert fresh.nft_counters("g1", "egressgw", "tunnel_check") == drops + 2
 
 
-def _ipv4_udp(source: IPAddress, destination: IPAddress, port: int, payload: bytes) -> bytes:
-    total = 20 + 8 + len(payload)
-    header = struct.pack(
-        "!BBHHHBBH4s4s", 0x45, 0, total, 0, 0x4000, 64, 17, 0, source.packed, destination.packed
-    )
-    words = sum(struct.unpack("!10H", header))
-    while words >> 16:
-        words = (words & 0xFFFF) + (words >> 16)
-    header = header[:10] + struct.pack("!H", ~words & 0xFFFF) + header[12:]
-    return header + struct.pack("!HHHH", 40000, port, 8 + len(payload), 0) + payload
-
-
 def test_what_comes_out_of_the_tunnel_leaves_only_through_the_uplink(fresh: Cluster) -> None:
     """A packet of a real pod of worker A, tunnelled toward an address the gateway reaches on
     its node network (worker B) rather than its uplink, is dropped and counted there."""
-    mac_g1, mac_wa = (
-        bytes.fromhex(mac_for(G1).replace(":", "")),
-        bytes.fromhex(mac_for(WA).replace(":", "")),
-    )
-    inner = mac_g1 + mac_wa + b"\x08\x00" + _ipv4_udp(addr("pA1", 4), WB, 9, b"sideways")
-
-    def send() -> None:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            sock.bind((str(WA), 0))
-            sock.sendto(_vxlan(TUNNEL.vni, inner), (str(G1), TUNNEL.port))
+    pod, sideways = str(addr("pA1", 4)), str(WB)
+    syn = tcp_segment(pod, sideways, 40000, 9, 0, TCP_FLAGS["syn"])
+    frame = vxlan_frame(TUNNEL.vni, mac_for(WA), mac_for(G1), ip_packet(pod, sideways, syn))
 
     # reverse-path filtering would refuse it before the rule does (the way back to a pod is
     # known only for what leaves through the uplink): the rule stands without it
@@ -600,7 +582,7 @@ def test_what_comes_out_of_the_tunnel_leaves_only_through_the_uplink(fresh: Clus
     try:
         drops = fresh.nft_counters("g1", "egressgw", "outside")
         checked = fresh.nft_counters("g1", "egressgw", "tunnel_check")
-        call_in(fresh.ns["wA"], send)
+        call_in(fresh.ns["wA"], lambda: send_tunnelled(str(WA), str(G1), TUNNEL.port, frame, 1, 0))
         time.sleep(0.2)
         assert fresh.nft_counters("g1", "egressgw", "tunnel_check") == checked  # a real pod
         assert fresh.nft_counters("g1", "egressgw", "outside") == drops + 1
