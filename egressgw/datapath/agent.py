@@ -276,18 +276,10 @@ def render(
         f'oifname "{dev}" meta mark set meta mark and {keep:#010x} '
         "tcp flags syn tcp option maxseg size set rt mtu",
     ]
-    # outer packets are not tracked: each inner flow hashes to an outer source port of its
-    # own, and no rule here looks at an outer packet's connection state. Every packet of the
-    # node passes here: anything else costs it one rule
-    rules["untracked"] = [f"udp dport {tunnel.port} goto untracked_peer"]
-    rules["untracked_peer"] = [
-        "meta nfproto ipv4 ip saddr @peers4 notrack",
-        "meta nfproto ipv6 ip6 saddr @peers6 notrack",
-    ]
-    rules["untracked_out"] = [
-        f"meta nfproto ipv4 udp dport {tunnel.port} ip daddr @peers4 notrack",
-        f"meta nfproto ipv6 udp dport {tunnel.port} ip6 daddr @peers6 notrack",
-    ]
+    untracked, untracked_hooks = skeleton.untracked_chains(
+        "untracked", tunnel.port, lambda f: f"peers{f}"
+    )
+    rules |= untracked
     rules["from_tunnel"] = [
         f'iifname "{dev}" counter drop',
         f"meta nfproto ipv4 udp dport {tunnel.port} ip saddr != @peers4 counter drop",
@@ -298,8 +290,7 @@ def render(
         "steer": "type filter hook prerouting priority dstnat + 10; policy accept;",
         "keep_source": "type nat hook postrouting priority srcnat - 10; policy accept;",
         "into_tunnel": "type filter hook postrouting priority filter; policy accept;",
-        "untracked": "type filter hook prerouting priority raw; policy accept;",
-        "untracked_out": "type filter hook output priority raw; policy accept;",
+        **untracked_hooks,
         "from_tunnel": "type filter hook input priority filter; policy accept;",
     }
     for chain in rules:

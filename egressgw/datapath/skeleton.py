@@ -28,7 +28,7 @@ import ipaddress
 import json
 import re
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from egressgw.datapath.netns import command
@@ -249,6 +249,35 @@ def tunnel_peers_set(outer: int) -> str:
     return f"tunnel{outer}_peers"
 
 
+def untracked_chains(
+    chain: str, port: int, peers: Callable[[int], str]
+) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """(rules, hooks) of the raw chains that keep a tunnel's outer packets out of conntrack,
+    on workers and gateways alike: ``chain`` (prerouting) and ``<chain>_peer`` for what arrives
+    from a peer in the set ``peers(family)``, ``<chain>_out`` (output) for what leaves to one.
+
+    Outer packets are not tracked: each inner flow hashes to an outer source port of its own,
+    so tracking them would cost a second conntrack entry (and a NAT lookup) per tunnelled
+    connection, and nothing matches an outer packet's connection state. Every packet of the
+    node passes ``chain``: anything not to the tunnel's port costs it one rule."""
+    rules = {
+        chain: [f"udp dport {port} goto {chain}_peer"],
+        f"{chain}_peer": [
+            f"meta nfproto {_OUTER[f][0]} {_OUTER[f][1]} saddr @{peers(f)} notrack"
+            for f in FAMILIES
+        ],
+        f"{chain}_out": [
+            f"meta nfproto {_OUTER[f][0]} udp dport {port} {_OUTER[f][1]} daddr @{peers(f)} notrack"
+            for f in FAMILIES
+        ],
+    }
+    hooks = {
+        chain: "type filter hook prerouting priority raw; policy accept;",
+        f"{chain}_out": "type filter hook output priority raw; policy accept;",
+    }
+    return rules, hooks
+
+
 TUNNEL_SET_SPECS = {
     **{
         tunnel_set_name(outer, inner): SetSpec(
@@ -287,10 +316,8 @@ def render_tunnel(
     - prerouting (nat, before the node's own DNAT): DNS (UDP and TCP port 53) from the tunnel
       goes to ``dns_redirect`` of its family; without one for its family it is forwarded
       like any other traffic, under the policy;
-    - raw, outer packets (to the tunnel's UDP port, from a worker or to one): not tracked.
-      Each inner flow hashes to an outer source port of its own, so tracking them would cost a
-      second conntrack entry (and a NAT lookup) per tunnelled connection; nothing here matches
-      an outer packet's connection state;
+    - raw, outer packets (to the tunnel's UDP port, from a worker or to one): not tracked
+      (``untracked_chains``, as on the workers);
     - forward, in the skeleton's ``outside`` chain (what does not leave through the uplink,
       so no forward hook of its own): what comes out of the tunnel leaves only through the
       uplink, where the gateway's forward and SNAT rules apply to it as to any workload; TCP
@@ -327,18 +354,9 @@ def render_tunnel(
             f"meta nfproto {nfproto} meta l4proto {{ tcp, udp }} th dport {DNS_PORT} "
             f"dnat {ip} to {target}"
         )
+    untracked, untracked_hooks = untracked_chains("tunnel_untracked", port, tunnel_peers_set)
     rules = {
-        # every packet of the node passes here: anything not to the tunnel's port costs one rule
-        "tunnel_untracked": [f"udp dport {port} goto tunnel_untracked_peer"],
-        "tunnel_untracked_peer": [
-            f"meta nfproto {_OUTER[f][0]} {_OUTER[f][1]} saddr @{tunnel_peers_set(f)} notrack"
-            for f in FAMILIES
-        ],
-        "tunnel_untracked_out": [
-            f"meta nfproto {_OUTER[f][0]} udp dport {port} {_OUTER[f][1]} daddr "
-            f"@{tunnel_peers_set(f)} notrack"
-            for f in FAMILIES
-        ],
+        **untracked,
         # outer packets first: one rule to their check. A tunnelled packet to that port (no
         # outer packet: its source is a pod's) fails the same check
         "tunnel_in": [
@@ -358,8 +376,7 @@ def render_tunnel(
         ],
     }
     hooks = {
-        "tunnel_untracked": "type filter hook prerouting priority raw; policy accept;",
-        "tunnel_untracked_out": "type filter hook output priority raw; policy accept;",
+        **untracked_hooks,
         "tunnel_in": "type filter hook input priority filter; policy accept;",
         "tunnel_dns": "type nat hook prerouting priority dstnat - 10; policy accept;",
     }
