@@ -127,6 +127,13 @@ class Adopted:
     static: int = 0
 
 
+def _adopted(sock: NftSocket | None) -> NftSocket:
+    """A socket ``NftDatapath.adopt`` opens; an error before it has."""
+    if sock is None:
+        raise RuntimeError("datapath not adopted yet")
+    return sock
+
+
 class NftDatapath:
     """The kernel side. Methods are synchronous and fast (one sendmsg per change)."""
 
@@ -168,9 +175,7 @@ class NftDatapath:
 
     @property
     def sock(self) -> NftSocket:
-        if self._sock is None:
-            raise RuntimeError("datapath not adopted yet")
-        return self._sock
+        return _adopted(self._sock)
 
     def close(self) -> None:
         for sock in (self._sock, self._reader):
@@ -514,9 +519,7 @@ class NftDatapath:
         """Packets and bytes toward the uplink per identity, accepted and rejected: one dump
         of each accounting set (``NftSocket.dump_counters``), decoded without an ``Element``
         per identity. Over a socket of its own: it never waits for an apply."""
-        reader = self._reader
-        if reader is None:
-            raise RuntimeError("datapath not adopted yet")
+        reader = _adopted(self._reader)
         out: dict[int, Traffic] = {}
         for key, packets, octets in reader.dump_counters("acct_accepted"):
             out[keys.parse_mark(key)] = Traffic(packets, octets)
