@@ -14,7 +14,6 @@ import ipaddress
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
-from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import pytest
@@ -23,12 +22,11 @@ from kubernetes.client.exceptions import ApiException
 
 from egressgw.identity import IPAddress
 from egressgw.kube.agent_source import KubeAgentSource, node_pod
-from egressgw.kube.api import api_client
 from egressgw.kube.holders import HolderRecord, LeaseHolders, holders_at, next_expiry, read_lease
 from egressgw.kube.leases import LeaseOwnership, LeaseTiming, lease_name
 from egressgw.kube.reflector import WatchSettings
 from egressgw.policy.model import EgressGateway, LabelSelector, Node, Pod, Snapshot
-from egressgw.testing.apiserver import FakeApiServer, kubeconfig
+from egressgw.testing.apiserver import FakeApiServer
 from tests.kube.cluster import gateway, namespace
 
 Obj = dict[str, Any]
@@ -93,13 +91,6 @@ def api() -> Iterator[FakeApiServer]:
         yield server
     finally:
         server.stop()
-
-
-@pytest.fixture
-def kube(api: FakeApiServer, tmp_path: Path) -> client.ApiClient:
-    path = tmp_path / "kubeconfig"
-    path.write_text(kubeconfig(api.url))
-    return api_client(path)
 
 
 class Seen(Generic[T]):

@@ -12,21 +12,19 @@ import ipaddress
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from egressgw.identity import IdentityRegistry
-from egressgw.kube.api import api_client
 from egressgw.kube.leases import LeaseOwnership, LeaseTiming, lease_name
 from egressgw.kube.reflector import WatchSettings
 from egressgw.kube.source import KubeSource, workload_pod
 from egressgw.kube.status import StatusWriter
 from egressgw.plan import build
 from egressgw.policy.model import EgressGateway, LabelSelector, Snapshot
-from egressgw.testing.apiserver import FakeApiServer, kubeconfig
+from egressgw.testing.apiserver import FakeApiServer
 from tests.kube.cluster import condition, gateway, namespace, node, pod, policy
 
 
@@ -54,13 +52,6 @@ def api() -> Iterator[FakeApiServer]:
         yield server
     finally:
         server.stop()
-
-
-@pytest.fixture
-def kube(api: FakeApiServer, tmp_path: Path) -> client.ApiClient:
-    path = tmp_path / "kubeconfig"
-    path.write_text(kubeconfig(api.url))
-    return api_client(path)
 
 
 class Follower:
