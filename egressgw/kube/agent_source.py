@@ -24,16 +24,11 @@ Rules, the same as the gateway's source (``kube.source``) wherever they overlap:
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-from kubernetes import client
-
-from egressgw.kube.api import GROUP, VERSION
-from egressgw.kube.reflector import Obj, Reflector
+from egressgw.kube.reflector import Obj
 from egressgw.kube.source import KubeSource, workload_pod
-from egressgw.policy.model import API_VERSION
 
 AGENT_KINDS = ("Namespace", "Pod", "EgressGateway", "Node")
 
@@ -54,29 +49,8 @@ class KubeAgentSource(KubeSource):
     SYNCED_LINE = "every kind listed; steering"
     THREAD_PREFIX = "agent-watch-"
 
-    def _watches(
-        self,
-        reflector: Callable[..., Reflector],
-        core: client.CoreV1Api,
-        custom: client.CustomObjectsApi,
-    ) -> list[Reflector]:
-        return [
-            reflector("Namespace", "v1", core.list_namespace),
-            reflector(
-                "Pod",
-                "v1",
-                core.list_pod_for_all_namespaces,
-                field_selector=f"spec.nodeName={self.node_name}",
-            ),
-            reflector(
-                "EgressGateway",
-                API_VERSION,
-                functools.partial(
-                    custom.list_cluster_custom_object, GROUP, VERSION, "egressgateways"
-                ),
-            ),
-            reflector("Node", "v1", core.list_node),
-        ]
+    def _pod_list_kwargs(self) -> dict[str, str]:
+        return {"field_selector": f"spec.nodeName={self.node_name}"}
 
     def _readable(self, kind: str, obj: Obj) -> Obj | None:
         if kind == "Pod":

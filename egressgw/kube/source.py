@@ -146,28 +146,38 @@ class KubeSource:
         core: client.CoreV1Api,
         custom: client.CustomObjectsApi,
     ) -> list[Reflector]:
-        """One Reflector per kind: ``reflector(kind, api_version, list_function, **kwargs)``."""
-        return [
-            reflector("Namespace", "v1", core.list_namespace),
-            reflector("Pod", "v1", core.list_pod_for_all_namespaces),
-            reflector(
-                "EgressGateway",
+        """One Reflector per kind of ``KINDS``: ``reflector(kind, api_version, list_function,
+        **kwargs)``; Pods listed with ``_pod_list_kwargs``."""
+        lists: dict[str, tuple[str, Any, dict[str, str]]] = {
+            "Namespace": ("v1", core.list_namespace, {}),
+            "Pod": ("v1", core.list_pod_for_all_namespaces, self._pod_list_kwargs()),
+            "EgressGateway": (
                 API_VERSION,
                 functools.partial(
                     custom.list_cluster_custom_object, GROUP, VERSION, "egressgateways"
                 ),
+                {},
             ),
-            reflector(
-                "EgressPolicy",
+            "EgressPolicy": (
                 API_VERSION,
                 functools.partial(
                     custom.list_cluster_custom_object, GROUP, VERSION, "egresspolicies"
                 ),
+                {},
             ),
             # every Node: the tunnel reaches worker nodes at their InternalIPs; a Node's
             # heartbeats change neither its labels nor its addresses, so they plan nothing
-            reflector("Node", "v1", core.list_node),
+            "Node": ("v1", core.list_node, {}),
+        }
+        return [
+            reflector(kind, api_version, function, **kwargs)
+            for kind, (api_version, function, kwargs) in lists.items()
+            if kind in self.KINDS
         ]
+
+    def _pod_list_kwargs(self) -> dict[str, str]:
+        """What narrows the Pods listed and watched: here, nothing (every Pod)."""
+        return {}
 
     # -- what others read ---------------------------------------------------------------------
     def problems(self) -> list[Problem]:
