@@ -1,3 +1,3 @@
-from egressgw.cli import main
+from egressgw.cli import entry
 
-raise SystemExit(main())
+raise SystemExit(entry())

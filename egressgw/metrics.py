@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
@@ -51,7 +52,9 @@ _disable_created()
 CounterChild = Counter  # what ``Counter.labels(...)`` returns
 
 BUILD = Info("egressgw_build", "Build information")
-BUILD.info({"version": __version__})
+BUILD.info(
+    {"version": __version__, "python_allocator": os.environ.get("PYTHONMALLOC") or "pymalloc"}
+)
 
 RECONCILE_SECONDS = Histogram(
     "egressgw_reconcile_duration_seconds",

@@ -31,6 +31,7 @@ from typing import Any, TypeVar, cast
 from dnslib import QTYPE, RCODE, DNSRecord
 from prometheus_client.parser import text_string_to_metric_families
 
+from egressgw.cli import daemon_environ
 from egressgw.datapath.netns import call_in
 
 T = TypeVar("T")
@@ -108,12 +109,18 @@ def reap(popen: subprocess.Popen[Any], timeout: float) -> None:
 class Proc:
     """A process started here, its output in a log file; stopped through its own pid only."""
 
-    def __init__(self, name: str, argv: Sequence[str], log: Path, cwd: Path | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        log: Path,
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.name, self.log = name, log
         with log.open("ab") as out:
-            self.popen = subprocess.Popen(
-                list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=cwd
-            )
+            self.popen = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out,
+                                          stderr=subprocess.STDOUT, cwd=cwd, env=env)  # fmt: skip
 
     @property
     def pid(self) -> int:
@@ -603,7 +610,8 @@ class Daemon:
         started = time.monotonic()
         command = in_ns(self.net.gateway, *argv, cpu=self.cpu)
         log = self.workdir / "egressgw.log"
-        self.proc = Proc(f"egressgw ({loop}, {src or REPO})", command, log, cwd=src or REPO)
+        env = daemon_environ("run", dict(os.environ))  # as ``egressgw run`` starts itself
+        self.proc = Proc(f"egressgw ({loop}, {src or REPO})", command, log, src or REPO, env)
         self.loop = (loop, src)
         wait_ready(self.net, self.proc, 30.0)
         self.start_s.append(round(time.monotonic() - started, 2))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -64,8 +65,9 @@ class Daemon:
         argv = ["ip", "netns", "exec", self.topo.gateway, sys.executable, "-m", "egressgw", "run"]
         argv += ["--manifests", str(self.manifests), "--uplink", "up0", "--http-listen", HTTP]
         argv += self.extra
+        environ = {k: v for k, v in os.environ.items() if k != "PYTHONMALLOC"}  # as on a node
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=environ)
         return wait_for(lambda: self.ready(), "the daemon to be ready", timeout=timeout)
 
     def readyz(self) -> tuple[int, str]:
@@ -80,12 +82,15 @@ class Daemon:
 
         return call_in(self.topo.gateway, ask)
 
-    def metric(self, name: str) -> float:
+    def metrics(self) -> str:
         def ask() -> str:
             with urllib.request.urlopen(f"http://{HTTP}/metrics", timeout=5) as reply:
                 return str(reply.read().decode())
 
-        for line in call_in(self.topo.gateway, ask).splitlines():
+        return call_in(self.topo.gateway, ask)
+
+    def metric(self, name: str) -> float:
+        for line in self.metrics().splitlines():
             if line.startswith(name + " "):
                 return float(line.split()[1])
         raise AssertionError(f"no metric {name}")
@@ -177,6 +182,19 @@ def test_policy_edits_apply_within_two_seconds_and_bad_edits_change_nothing(
 
     policy.unlink()
     wait_for(lambda: source_seen(topo, SERVER4, 5432) is None, "the removed policy to close", 2)
+
+
+def test_the_daemon_runs_on_the_c_allocator_in_the_process_it_was_started_as(
+    env: tuple[Topology, Daemon],
+) -> None:
+    """Started without PYTHONMALLOC, ``egressgw run`` starts itself over on the C library's
+    allocator (which hands a burst's memory back) and keeps its process ID, the one that the
+    kubelet's signals reach."""
+    _, daemon = env
+    assert daemon.proc is not None
+    environ = Path(f"/proc/{daemon.proc.pid}/environ").read_bytes().split(b"\0")
+    assert b"PYTHONMALLOC=malloc" in environ
+    assert re.search(r'^egressgw_build_info\{.*python_allocator="malloc"', daemon.metrics(), re.M)
 
 
 def test_established_flow_survives_kill_9_and_restart_adopts(env: tuple[Topology, Daemon]) -> None:

@@ -160,7 +160,7 @@ def test_one_image_runs_both_programs() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert re.search(r'^ENTRYPOINT \["egressgw"\]$', dockerfile, re.M)
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["egressgw"] == "egressgw.cli:main"
+    assert scripts["egressgw"] == "egressgw.cli:entry"
     images = {_container(name)["image"] for name in ("egressgw", "egressgw-agent")}
     assert len(images) == 1
     commands = {_container(name)["args"][0] for name in ("egressgw", "egressgw-agent")}

@@ -10,13 +10,14 @@ import logging
 import shlex
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from egressgw import app, logs
-from egressgw.cli import _subparsers, build_parser
+from egressgw.cli import _subparsers, build_parser, daemon_environ
 from egressgw.datapath.skeleton import SkeletonError
 from egressgw.lab.cli import usage
 from egressgw.runtime import Settings, adopt_problem, has_capability
@@ -476,3 +477,19 @@ def test_run_help_names_the_tunnel_flags_with_their_units(
         "--passthrough-domain DOMAIN forward names at or under DOMAIN to the upstream",
     ):
         assert expected in text, expected
+
+
+def test_only_the_daemons_start_over_on_the_c_allocator_and_an_operators_choice_stays() -> None:
+    plain = {"PATH": "/usr/bin"}
+    for command in ("run", "agent"):
+        assert daemon_environ(command, plain) == {"PATH": "/usr/bin", "PYTHONMALLOC": "malloc"}
+        assert daemon_environ(command, {**plain, "PYTHONMALLOC": "pymalloc"}) is None
+    assert daemon_environ("policy", plain) is None  # a one-shot command needs no second start
+
+
+def test_a_daemons_bad_flag_is_one_line_before_it_starts_over() -> None:
+    environ = {"PATH": "/usr/bin:/bin"}
+    argv = [sys.executable, "-m", "egressgw", "run", "--uplink"]
+    done = subprocess.run(argv, capture_output=True, text=True, env=environ, cwd=REPO, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "--uplink" in done.stderr, done.stderr
