@@ -834,15 +834,26 @@ def pod_of(where: str) -> LabPod:
         ) from exc
 
 
+EXEC_READS = 5  # reads of a command line that is empty while its process execs
+EXEC_READ_PAUSE_S = 0.01
+
+
 def process_alive(record: ProcessRecord) -> bool:
-    """Alive and still the process we started (its command line names our state directory)."""
-    if not netns.pid_alive(record.pid):
-        return False
-    try:
-        cmdline = Path(f"/proc/{record.pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return False
-    return record.marker in cmdline
+    """Alive and still the process we started (its command line names our state directory).
+
+    A process in the middle of an exec shows an empty command line for a moment (``egressgw
+    run`` and ``agent`` start over once, on their allocator): it is read again."""
+    for _ in range(EXEC_READS):
+        if not netns.pid_alive(record.pid):
+            return False
+        try:
+            cmdline = Path(f"/proc/{record.pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            return False
+        if cmdline:
+            return record.marker in cmdline.decode()
+        time.sleep(EXEC_READ_PAUSE_S)
+    return False
 
 
 def is_alive(name: str, root: str = STATE_ROOT) -> bool:
