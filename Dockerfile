@@ -41,8 +41,7 @@ RUN pip install --no-cache-dir --no-index --find-links=/wheels egressgw==0.1.0 \
 # and nftables need those capabilities, which a non-root user would not have without file caps.
 # hadolint ignore=DL3002
 USER 0:0
-# the daemons run on the C allocator (egressgw.cli.ALLOCATOR), set here so they start once
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PYTHONMALLOC=malloc
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 # metrics and probes: 9460 the gateway (run), 9461 the agent
 EXPOSE 9460 9461
 # without args the image runs the gateway; the agent DaemonSet passes `agent ...`

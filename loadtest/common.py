@@ -31,7 +31,7 @@ from typing import Any, TypeVar, cast
 from dnslib import QTYPE, RCODE, DNSRecord
 from prometheus_client.parser import text_string_to_metric_families
 
-from egressgw.cli import daemon_environ
+from egressgw.cli import build_parser, daemon_environ
 from egressgw.datapath.netns import call_in
 
 T = TypeVar("T")
@@ -606,11 +606,13 @@ class Daemon:
         self.stop()
         argv = [sys.executable, "-m", "loadtest.dns", "_daemon", loop]
         argv += [f"--gc-threshold={self.gc_threshold}"] if self.gc_threshold else []
-        argv += daemon_argv(self.workdir / "manifests") + self.extra
+        run = daemon_argv(self.workdir / "manifests") + self.extra
+        argv += run
         started = time.monotonic()
         command = in_ns(self.net.gateway, *argv, cpu=self.cpu)
         log = self.workdir / "egressgw.log"
-        env = daemon_environ("run", dict(os.environ))  # as ``egressgw run`` starts itself
+        # on the allocator that ``egressgw run`` with these arguments starts itself over on
+        env = daemon_environ(build_parser().parse_args(run), dict(os.environ))
         self.proc = Proc(f"egressgw ({loop}, {src or REPO})", command, log, src or REPO, env)
         self.loop = (loop, src)
         wait_ready(self.net, self.proc, 30.0)

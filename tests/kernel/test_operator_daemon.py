@@ -8,6 +8,7 @@ those egress IPs, and keeps the node's own address.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -125,8 +126,9 @@ def wait_for(check: Callable[[], bool], what: str, timeout_s: float = 15.0) -> N
 def daemon(ns: str, log: Path, *args: str) -> Iterator[subprocess.Popen[bytes]]:
     """``egressgw run ARGS`` inside ``ns``, its output in ``log``; killed afterwards if still up."""
     argv = ["ip", "netns", "exec", ns, sys.executable, "-m", "egressgw", "run", *args]
+    environ = {k: v for k, v in os.environ.items() if k != "PYTHONMALLOC"}  # as on a node
     with log.open("ab") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=environ)
     try:
         yield proc
     finally:
@@ -235,6 +237,14 @@ def _ask(ns: str, name: str) -> DNSRecord:
     return DNSRecord.parse(call_in(ns, exchange))
 
 
+def _metrics(ns: str) -> str:
+    def ask() -> str:
+        with urllib.request.urlopen(f"http://{HTTP[0]}:{HTTP[1]}/metrics", timeout=5) as reply:
+            return str(reply.read().decode())
+
+    return call_in(ns, ask)
+
+
 def test_an_unreachable_upstream_is_demoted_and_the_others_answer(
     node: str, tmp_path: Path
 ) -> None:
@@ -255,6 +265,10 @@ def test_an_unreachable_upstream_is_demoted_and_the_others_answer(
             wait_for(lambda: ready(node, proc, log), "readiness")
             reply = _ask(node, "db.example.com")
             assert [str(rr.rdata) for rr in reply.rr] == [ANSWER4], f"{reply}\n{log.read_text()}"
+            # it intercepts DNS: it started over, same process, on the allocator that gives a
+            # burst's memory back
+            assert b"PYTHONMALLOC=malloc" in Path(f"/proc/{proc.pid}/environ").read_bytes()
+            assert 'python_allocator="malloc"' in _metrics(node)
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=10) == 0
     finally:

@@ -479,12 +479,20 @@ def test_run_help_names_the_tunnel_flags_with_their_units(
         assert expected in text, expected
 
 
-def test_only_the_daemons_start_over_on_the_c_allocator_and_an_operators_choice_stays() -> None:
+def test_only_a_gateway_that_intercepts_dns_starts_over_on_the_c_allocator() -> None:
     plain = {"PATH": "/usr/bin"}
-    for command in ("run", "agent"):
-        assert daemon_environ(command, plain) == {"PATH": "/usr/bin", "PYTHONMALLOC": "malloc"}
-        assert daemon_environ(command, {**plain, "PYTHONMALLOC": "pymalloc"}) is None
-    assert daemon_environ("policy", plain) is None  # a one-shot command needs no second start
+
+    def environ(*argv: str, env: dict[str, str] = plain) -> dict[str, str] | None:
+        return daemon_environ(build_parser().parse_args(argv), env)
+
+    gateway = ("run", "--manifests", "m", "--uplink", "up0")
+    dns = ("--dns-listen", "192.0.2.53:53")
+    assert environ(*gateway, *dns) == {"PATH": "/usr/bin", "PYTHONMALLOC": "malloc"}
+    assert environ(*gateway, *dns, env={**plain, "PYTHONMALLOC": "pymalloc"}) is None  # theirs
+    assert environ(*gateway) is None  # no DNS bursts to give back: the faster allocator stays
+    agent = ("agent", "--manifests", "m", "--node-name", "w1", "--cluster-cidr", "192.0.2.0/24")
+    assert environ(*agent) is None
+    assert environ("policy", "check", "m") is None
 
 
 def test_a_daemons_bad_flag_is_one_line_before_it_starts_over() -> None:
