@@ -74,7 +74,9 @@ from egressgw.datapath.tunnel import (
 )
 
 AGENT_TABLE = "egressgw_agent"
-AGENT_VERSION = 1
+AGENT_VERSION = 2
+# what older versions had: removed by every load, whether there or not
+STALE_CHAINS = ("into_tunnel", "from_tunnel")
 DNS_PORT = 53
 # never steered: these do not leave the node's link, or are not unicast
 NEVER_STEERED = {
@@ -270,28 +272,25 @@ def render(
         f'oifname "{dev}" meta nfproto ipv4 snat ip to ip saddr',
         f'oifname "{dev}" meta nfproto ipv6 snat ip6 to ip6 saddr',
     ]
-    # one rule, one device name compare per packet: the mark is cleared (the outer packet's
-    # route must not follow it), then a TCP handshake gets its MSS clamped to the tunnel's MTU
-    rules["into_tunnel"] = [
+    # forwarded packets only (the node's own traffic never passes it), one rule, one device
+    # name compare: the mark is cleared (the outer packet's route must not follow it), then a
+    # TCP handshake gets its MSS clamped to the tunnel's MTU
+    rules["to_tunnel"] = [
         f'oifname "{dev}" meta mark set meta mark and {keep:#010x} '
         "tcp flags syn tcp option maxseg size set rt mtu",
     ]
     untracked, untracked_hooks = skeleton.untracked_chains(
         "untracked", tunnel.port, lambda f: f"peers{f}"
     )
+    # what comes out of the tunnel to the node itself is dropped by ``arrived``, and what
+    # comes to the tunnel's port from anyone but a peer by ``untracked_peer``: no input hook
     rules |= untracked
-    rules["from_tunnel"] = [
-        f'iifname "{dev}" counter drop',
-        f"meta nfproto ipv4 udp dport {tunnel.port} ip saddr != @peers4 counter drop",
-        f"meta nfproto ipv6 udp dport {tunnel.port} ip6 saddr != @peers6 counter drop",
-    ]
     hooks = {
         "keep_destination": "type nat hook prerouting priority dstnat - 10; policy accept;",
         "steer": "type filter hook prerouting priority dstnat + 10; policy accept;",
         "keep_source": "type nat hook postrouting priority srcnat - 10; policy accept;",
-        "into_tunnel": "type filter hook postrouting priority filter; policy accept;",
+        "to_tunnel": "type filter hook forward priority filter; policy accept;",
         **untracked_hooks,
-        "from_tunnel": "type filter hook input priority filter; policy accept;",
     }
     for chain in rules:
         hook = hooks.get(chain)
@@ -299,6 +298,8 @@ def render(
         lines.append(f"flush chain inet {table} {chain}")
     for chain, chain_rules in rules.items():
         lines += [f"add rule inet {table} {chain} {rule}" for rule in chain_rules]
+    for chain in STALE_CHAINS:  # added first: deleting one that was never there is no error
+        lines += [f"{verb} chain inet {table} {chain}" for verb in ("add", "flush", "delete")]
     return "\n".join(lines) + "\n"
 
 

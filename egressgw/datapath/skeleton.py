@@ -255,6 +255,8 @@ def untracked_chains(
     """(rules, hooks) of the raw chains that keep a tunnel's outer packets out of conntrack,
     on workers and gateways alike: ``chain`` (prerouting) and ``<chain>_peer`` for what arrives
     from a peer in the set ``peers(family)``, ``<chain>_out`` (output) for what leaves to one.
+    What comes to this node's tunnel port from anyone else is dropped there and counted: only
+    peers reach the tunnel device, and no input hook has to look at the node's own traffic.
 
     Outer packets are not tracked: each inner flow hashes to an outer source port of its own,
     so tracking them would cost a second conntrack entry (and a NAT lookup) per tunnelled
@@ -263,11 +265,16 @@ def untracked_chains(
     rules = {
         chain: [f"udp dport {port} goto {chain}_peer"],
         f"{chain}_peer": [
-            f"meta nfproto {_OUTER[f][0]} {_OUTER[f][1]} saddr @{peers(f)} notrack"
-            for f in FAMILIES
+            *(
+                f"meta nfproto {_OUTER[f][0]} {_OUTER[f][1]} saddr @{peers(f)} notrack accept"
+                for f in FAMILIES
+            ),
+            # what passes through this node to that port is not the tunnel's: left alone
+            "fib daddr type local counter drop",
         ],
         f"{chain}_out": [
-            f"meta nfproto {_OUTER[f][0]} udp dport {port} {_OUTER[f][1]} daddr @{peers(f)} notrack"
+            f"meta nfproto {_OUTER[f][0]} udp dport {port} {_OUTER[f][1]} daddr @{peers(f)} "
+            "notrack accept"
             for f in FAMILIES
         ],
     }

@@ -564,6 +564,21 @@ def test_other_inner_protocols_and_short_packets_are_dropped_at_the_gateway(
     assert fresh.nft_counters("g1", "egressgw", "tunnel_check") == drops + 2
 
 
+def test_a_worker_takes_tunnel_packets_only_from_the_gateways_it_steers_to(
+    fresh: Cluster,
+) -> None:
+    """Worker B is no gateway of worker A's: its tunnel packet toward a steered pod of A is
+    dropped and counted on A before it reaches the tunnel device."""
+    pod = str(addr("pA1", 4))
+    syn = tcp_segment(str(SERVER[4]), pod, PORT, 40000, 0, TCP_FLAGS["syn"])
+    frame = vxlan_frame(TUNNEL.vni, mac_for(WB), mac_for(WA), ip_packet(str(SERVER[4]), pod, syn))
+    drops = fresh.nft_counters("wA", "egressgw_agent", "untracked_peer")
+    call_in(fresh.ns["wB"], lambda: send_tunnelled(str(WB), str(WA), TUNNEL.port, frame, 1, 0))
+    time.sleep(0.2)
+    assert fresh.nft_counters("wA", "egressgw_agent", "untracked_peer") == drops + 1
+    assert fresh.tcp_roundtrip("pA1", 4) == str(EGRESS["g1"][4])  # the gateway's still pass
+
+
 def test_what_comes_out_of_the_tunnel_leaves_only_through_the_uplink(fresh: Cluster) -> None:
     """A packet of a real pod of worker A, tunnelled toward an address the gateway reaches on
     its node network (worker B) rather than its uplink, is dropped and counted there."""
@@ -772,7 +787,16 @@ def test_remove_uninstalls_everything_and_setup_builds_it_again(fresh: Cluster) 
     )
     fresh.tunnels["g1"].setup(G1, [(G1, DNS_STAND_IN_PORT), (G1_6, DNS_STAND_IN_PORT)])
     assert "tunnel_forward" not in run(ns["g1"], "nft", "list", "table", "inet", "egressgw")
+    # so do an older agent's postrouting and input chains: forwarded packets only, now
+    run(ns["wA"], "nft", "add table inet egressgw_agent")
+    for chain, hook in (("into_tunnel", "postrouting"), ("from_tunnel", "input")):
+        spec = f"{{ type filter hook {hook} priority filter; }}"
+        run(ns["wA"], "nft", f"add chain inet egressgw_agent {chain} {spec}")
+        run(ns["wA"], "nft", f"add rule inet egressgw_agent {chain} counter")
     fresh.agents["wA"].setup(WA)
+    table = run(ns["wA"], "nft", "list", "table", "inet", "egressgw_agent")
+    assert "into_tunnel" not in table and "from_tunnel" not in table
+    assert "hook input" not in table and "hook forward" in table
     fresh.baseline()
     assert fresh.tcp_roundtrip("pA1", 4) == str(EGRESS["g1"][4])
 
