@@ -675,7 +675,7 @@ ALLOCATOR = "malloc"
 """Python's allocator for a gateway that intercepts DNS: the C library's, whose free pages
 ``malloc_trim`` hands back once a burst of queries is forgotten. Python's own small-object
 allocator frees a 1 MiB arena only when nothing in it survives, so a few survivors per arena
-keep most of a burst resident (``loadtest.fuzz``: 1.46x the starting RSS after the settle with
+keep most of a burst resident (``loadtest.fuzz``: 1.45x the starting RSS after the settle with
 it, 1.08x without). Its price is the control plane's speed (``loadtest.scale``, 100,000 pods:
 an edit in the kernel after 2.7 s instead of 2.2 s), so the agent and a gateway without DNS
 keep Python's own."""
