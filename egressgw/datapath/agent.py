@@ -75,7 +75,7 @@ from egressgw.datapath.tunnel import (
 
 AGENT_TABLE = "egressgw_agent"
 AGENT_VERSION = 2
-# what older versions had: removed by every load, whether there or not
+# what older versions had: removed by every load
 STALE_CHAINS = ("into_tunnel", "from_tunnel")
 DNS_PORT = 53
 # never steered: these do not leave the node's link, or are not unicast
@@ -298,8 +298,7 @@ def render(
         lines.append(f"flush chain inet {table} {chain}")
     for chain, chain_rules in rules.items():
         lines += [f"add rule inet {table} {chain} {rule}" for rule in chain_rules]
-    for chain in STALE_CHAINS:  # added first: deleting one that was never there is no error
-        lines += [f"{verb} chain inet {table} {chain}" for verb in ("add", "flush", "delete")]
+    lines += skeleton.removed_chains(table, STALE_CHAINS)
     return "\n".join(lines) + "\n"
 
 

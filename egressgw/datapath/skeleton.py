@@ -397,6 +397,13 @@ def render_tunnel(
     return "\n".join(lines) + "\n"
 
 
+def removed_chains(table: str, chains: Sequence[str]) -> list[str]:
+    """Script lines that remove ``chains`` (what an older version had) from ``table``, whether
+    they are there or not: each is added first, since deleting one never there is an error,
+    and flushed, since a chain with rules cannot be deleted on every kernel."""
+    return [f"{verb} chain inet {table} {c}" for c in chains for verb in ("add", "flush", "delete")]
+
+
 def load_tunnel(
     table: str,
     uplink: str,
@@ -410,9 +417,7 @@ def load_tunnel(
     found = listing(table, netns)
     if found is None:
         raise SkeletonError(f"table {table} does not exist: load the gateway skeleton first")
-    stale = [c for c in STALE_TUNNEL_CHAINS if c in found["chain"]]
-    for chain in stale:
-        script += f"flush chain inet {table} {chain}\ndelete chain inet {table} {chain}\n"
+    script += "".join(f"{line}\n" for line in removed_chains(table, STALE_TUNNEL_CHAINS))
     run_script(script, f"the tunnel chains of table {table}", netns)
 
 

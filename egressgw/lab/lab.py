@@ -842,7 +842,7 @@ def process_alive(record: ProcessRecord) -> bool:
     """Alive and still the process we started (its command line names our state directory).
 
     A process in the middle of an exec shows an empty command line for a moment (``egressgw
-    run`` and ``agent`` start over once, on their allocator): it is read again."""
+    run --dns-listen`` starts over once, on its allocator): it is read again."""
     for _ in range(EXEC_READS):
         if not netns.pid_alive(record.pid):
             return False
