@@ -370,13 +370,19 @@ class DnsServer:
     _connections: set[_Tcp] = field(default_factory=set)
 
     async def start(self) -> None:
+        """Listen on every address, UDP and TCP, or on none: a port that cannot be bound
+        closes what was opened before it raises."""
         loop = asyncio.get_running_loop()
-        for host, port in self.listen:
-            udp = _Udp(self.interceptor, udp_socket(host, port))
-            loop.add_reader(udp.sock.fileno(), udp.readable)
-            self._udp.append(udp)
-            self._tcp.append(await loop.create_server(partial(_Tcp, self), host, port))
-            log.info("dns: listening on %s port %d (UDP and TCP)", host, port)
+        try:
+            for host, port in self.listen:
+                udp = _Udp(self.interceptor, udp_socket(host, port))
+                loop.add_reader(udp.sock.fileno(), udp.readable)
+                self._udp.append(udp)
+                self._tcp.append(await loop.create_server(partial(_Tcp, self), host, port))
+                log.info("dns: listening on %s port %d (UDP and TCP)", host, port)
+        except BaseException:
+            await self.close()
+            raise
 
     def _admit(self, connection: _Tcp) -> bool:
         """Count a new connection from its source, unless that source has all it may have."""

@@ -8,6 +8,7 @@ wire: UDP and TCP service, forwarding, failover, truncation and the TCP retry up
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import shutil
 import socket
@@ -45,9 +46,19 @@ LOOPBACK = "127.0.0.1"
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-        udp.bind((LOOPBACK, 0))
-        return int(udp.getsockname()[1])
+    """A loopback port that neither UDP nor TCP uses (a DNS server takes both): the kernel's
+    free UDP port may be a TCP client's ephemeral port in a test running alongside."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind((LOOPBACK, 0))
+            port = int(udp.getsockname()[1])
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+                try:
+                    tcp.bind((LOOPBACK, port))
+                except OSError:
+                    continue
+                return port
+    raise AssertionError("no loopback port free for both UDP and TCP in 100 tries")
 
 
 PROBE = "ready.probe.invalid"  # asked of dnsmasq until it answers; tests leave its lines out
@@ -127,11 +138,18 @@ def interceptor(upstreams: list[tuple[str, int]], timeout_s: float = 0.5) -> Int
 
 
 async def serve(icpt: Interceptor) -> tuple[DnsServer, int]:
-    port = free_port()
     await icpt.upstream.start()
-    server = DnsServer(icpt, [(LOOPBACK, port)])
-    await server.start()
-    return server, port
+    for _ in range(5):  # another test may take the port between the check and the bind
+        port = free_port()
+        server = DnsServer(icpt, [(LOOPBACK, port)])
+        try:
+            await server.start()
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            continue
+        return server, port
+    raise AssertionError("no loopback port could be bound in 5 tries")
 
 
 async def ask(port: int, name: str, tcp: bool = False, qtype: str = "A") -> DNSRecord:
@@ -238,6 +256,24 @@ def test_dead_upstreams_fail_over_are_demoted_and_all_dead_is_servfail(
                 icpt.upstream.close()
 
     asyncio.run(scenario())
+
+
+def test_a_port_taken_for_tcp_fails_the_start_and_leaves_udp_unbound() -> None:
+    port = free_port()
+
+    async def scenario() -> None:
+        icpt = interceptor([(LOOPBACK, 9)])
+        server = DnsServer(icpt, [(LOOPBACK, port)])
+        with pytest.raises(OSError) as raised:
+            await server.start()
+        assert raised.value.errno == errno.EADDRINUSE
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind((LOOPBACK, port))  # the half that was bound before the failure is closed
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind((LOOPBACK, port))
+        taken.listen()
+        asyncio.run(scenario())
 
 
 def test_queries_that_arrive_while_the_server_is_held_up_wait_instead_of_being_dropped() -> None:
