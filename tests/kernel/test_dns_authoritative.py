@@ -27,7 +27,8 @@ from dnslib import EDNS0, QTYPE, RCODE, RR, DNSRecord, EDNSOption
 from egressgw.dns.upstream import State, Upstream
 from egressgw.dns.wire import EDNS_UDP_SIZE
 from tests.conftest import require
-from tests.kernel.test_dns_server import LOOPBACK, free_port, interceptor, serve
+from tests.kernel.test_dns_server import LOOPBACK, interceptor, serve
+from tests.ports import free_port
 
 WAIT_S = 3.0  # how long a client waits for an answer; also the bound of every polling loop
 SOA_MINIMUM = 30

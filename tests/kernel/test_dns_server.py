@@ -41,24 +41,9 @@ from egressgw.policy.model import (
 )
 from egressgw.testing.datapath import FakeDatapath
 from tests.conftest import require
+from tests.ports import free_port
 
 LOOPBACK = "127.0.0.1"
-
-
-def free_port() -> int:
-    """A loopback port that neither UDP nor TCP uses (a DNS server takes both): the kernel's
-    free UDP port may be a TCP client's ephemeral port in a test running alongside."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind((LOOPBACK, 0))
-            port = int(udp.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind((LOOPBACK, port))
-                except OSError:
-                    continue
-                return port
-    raise AssertionError("no loopback port free for both UDP and TCP in 100 tries")
 
 
 PROBE = "ready.probe.invalid"  # asked of dnsmasq until it answers; tests leave its lines out
@@ -138,18 +123,11 @@ def interceptor(upstreams: list[tuple[str, int]], timeout_s: float = 0.5) -> Int
 
 
 async def serve(icpt: Interceptor) -> tuple[DnsServer, int]:
+    port = free_port()
     await icpt.upstream.start()
-    for _ in range(5):  # another test may take the port between the check and the bind
-        port = free_port()
-        server = DnsServer(icpt, [(LOOPBACK, port)])
-        try:
-            await server.start()
-        except OSError as exc:
-            if exc.errno != errno.EADDRINUSE:
-                raise
-            continue
-        return server, port
-    raise AssertionError("no loopback port could be bound in 5 tries")
+    server = DnsServer(icpt, [(LOOPBACK, port)])
+    await server.start()
+    return server, port
 
 
 async def ask(port: int, name: str, tcp: bool = False, qtype: str = "A") -> DNSRecord:

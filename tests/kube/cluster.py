@@ -30,6 +30,7 @@ from egressgw.datapath.netns import call_in
 from egressgw.testing.apiserver import FakeApiServer, kubeconfig
 from tests.conftest import require_kernel, unique_name
 from tests.kernel.topology import tcp_listener
+from tests.ports import free_port
 
 SERVER = "203.0.113.10"
 POD_IP = "192.0.2.10"
@@ -49,13 +50,6 @@ def wait_for(check: Callable[[], bool], what: str, timeout: float, step: float =
             return time.monotonic() - started
         time.sleep(step)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 # -- objects ---------------------------------------------------------------------------------
