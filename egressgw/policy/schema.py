@@ -9,11 +9,16 @@ validation): ``x-kubernetes-*`` keys are dropped, ``nullable`` becomes a null ty
 object that declares ``properties`` rejects unknown fields (the API server cannot express that in
 a structural schema; it rejects them through field validation instead). ``format`` is not checked
 here: the loader checks CIDRs and IPs more strictly than any format checker would.
+
+A valid object is recognised by a predicate compiled from the same schema (``compiled``);
+jsonschema runs only on an object the predicate refuses, to word its problems.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import operator
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -258,8 +263,180 @@ def _one_of_required(branches: Any) -> list[str]:
     return names
 
 
+# --- the valid case, fast ----------------------------------------------------------------
+#
+# Almost every object is valid, and jsonschema spends 0.2 ms on a Pod to find that out. The
+# schemas above use a handful of keywords; ``compiled`` turns one into a predicate of closures
+# that answers "valid?" about ten times faster, and jsonschema runs only where it says no, to
+# word the problems. It may say no to a valid object (then jsonschema finds nothing), never yes
+# to an invalid one: a keyword it does not know makes the whole schema jsonschema's alone.
+
+Check = Callable[[Any], bool]
+
+_IGNORED = frozenset({"format", "title", "$schema"})  # Draft 7 checks no format by default
+_TYPES: dict[str, Check] = {
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+    "string": lambda v: isinstance(v, str),
+    "boolean": lambda v: isinstance(v, bool),
+    "null": lambda v: v is None,
+    "integer": lambda v: (
+        (isinstance(v, int) and not isinstance(v, bool))
+        or (isinstance(v, float) and v.is_integer())
+    ),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+}
+
+
+def _same(value: Any, member: Any) -> bool:
+    """``value`` equals the enum ``member`` (only scalars of one type; otherwise not known)."""
+    if type(value) is not type(member) or isinstance(value, (dict, list, float)):
+        return False
+    return bool(value == member)
+
+
+def compiled(schema: Mapping[str, Any]) -> Check:
+    """A predicate that is true only of instances ``schema`` accepts; ValueError for a
+    keyword it does not know."""
+    unknown = set(schema) - _IGNORED - _KEYWORDS.keys()
+    if unknown:
+        raise ValueError(f"not compiled: {', '.join(sorted(unknown))}")
+    checks: list[Check] = []
+    for key, value in schema.items():
+        check = _KEYWORDS[key](schema, value) if key in _KEYWORDS else None
+        if check is not None:
+            checks.append(check)
+    if len(checks) == 1:
+        return checks[0]
+    if len(checks) == 2:
+        first, second = checks
+        return lambda v: first(v) and second(v)
+
+    def every(v: Any) -> bool:
+        for check in checks:  # noqa: SIM110 (all() of a generator takes twice as long here)
+            if not check(v):
+                return False
+        return True
+
+    return every
+
+
+def _type(_schema: Mapping[str, Any], value: Any) -> Check:
+    names = value if isinstance(value, list) else [value]
+    if not all(name in _TYPES for name in names):
+        raise ValueError(f"not compiled: type {value}")
+    tests = [_TYPES[name] for name in names]
+    if len(tests) == 1:
+        return tests[0]
+    return lambda v: any(test(v) for test in tests)
+
+
+def _properties(schema: Mapping[str, Any], value: Any) -> Check | None:
+    inside = {name: compiled(sub) for name, sub in value.items()}
+    extra = schema.get("additionalProperties", True)
+    if extra is True:
+        rest: Check | None = None
+    elif extra is False:
+        rest = _never
+    else:
+        rest = compiled(extra)
+
+    def check(v: Any) -> bool:
+        if not isinstance(v, dict):
+            return True
+        for key, item in v.items():
+            test = inside.get(key, rest)
+            if test is not None and not test(item):
+                return False
+        return True
+
+    return check
+
+
+def _additional(schema: Mapping[str, Any], value: Any) -> Check | None:
+    if "properties" in schema:
+        return None  # checked with the properties
+    return _properties({"additionalProperties": value}, {})
+
+
+def _never(_v: Any) -> bool:
+    return False
+
+
+def _required(_schema: Mapping[str, Any], value: Any) -> Check:
+    names = tuple(value)
+    return lambda v: not isinstance(v, dict) or all(name in v for name in names)
+
+
+def _items(_schema: Mapping[str, Any], value: Any) -> Check:
+    if not isinstance(value, Mapping):
+        raise ValueError("not compiled: items as a list")
+    each = compiled(value)
+    return lambda v: not isinstance(v, list) or all(each(item) for item in v)
+
+
+def _one_of(_schema: Mapping[str, Any], value: Any) -> Check:
+    branches = [compiled(branch) for branch in value]
+    return lambda v: sum(1 for branch in branches if branch(v)) == 1
+
+
+def _enum(_schema: Mapping[str, Any], value: Any) -> Check:
+    members = list(value)
+    return lambda v: any(_same(v, member) for member in members)
+
+
+def _pattern(_schema: Mapping[str, Any], value: Any) -> Check:
+    search = re.compile(value).search
+    return lambda v: not isinstance(v, str) or search(v) is not None
+
+
+def _bound(
+    kind: Check, size: Callable[[Any], Any], ok: Callable[[Any, Any], bool]
+) -> Callable[[Mapping[str, Any], Any], Check]:
+    """A keyword that holds ``size`` of an instance of ``kind`` to a limit (``ok(size, limit)``);
+    instances of other kinds pass, as in JSON Schema."""
+
+    def keyword(_schema: Mapping[str, Any], limit: Any) -> Check:
+        return lambda v: not kind(v) or ok(size(v), limit)
+
+    return keyword
+
+
+def _itself(value: Any) -> Any:
+    return value
+
+
+_KEYWORDS: dict[str, Callable[[Mapping[str, Any], Any], Check | None]] = {
+    "type": _type,
+    "properties": _properties,
+    "additionalProperties": _additional,
+    "required": _required,
+    "items": _items,
+    "oneOf": _one_of,
+    "enum": _enum,
+    "pattern": _pattern,
+    "minLength": _bound(_TYPES["string"], len, operator.ge),
+    "maxLength": _bound(_TYPES["string"], len, operator.le),
+    "minItems": _bound(_TYPES["array"], len, operator.ge),
+    "maxItems": _bound(_TYPES["array"], len, operator.le),
+    "minimum": _bound(_TYPES["number"], _itself, operator.ge),
+    "maximum": _bound(_TYPES["number"], _itself, operator.le),
+}
+
+
+@cache
+def _valid(kind: str) -> Check:
+    """``kind``'s fast predicate, or one that always defers to jsonschema."""
+    try:
+        return compiled(object_schema(kind))
+    except ValueError:
+        return _never
+
+
 def schema_problems(kind: str, doc: Mapping[str, Any]) -> list[tuple[str, str]]:
     """Every schema violation of ``doc`` as (field, message), sorted by field."""
+    if _valid(kind)(doc):
+        return []
     found: list[tuple[str, str]] = []
     for error in _validator(kind).iter_errors(doc):
         for item in _messages(error):
