@@ -1,0 +1,145 @@
+"""The manifest reader's YAML: the same objects PyYAML's safe loader gives, for every shape of
+document, and a duplicate key refused wherever it is."""
+
+from __future__ import annotations
+
+import datetime
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from egressgw.policy.load import _StrictLoader, parse_manifest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def strict(text: str) -> list[Any]:
+    return list(yaml.load_all(text, Loader=_StrictLoader))
+
+
+SAFE = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the parser the reader uses, too
+
+
+def safe(text: str) -> list[Any]:
+    return list(yaml.load_all(text, Loader=SAFE))
+
+
+def test_every_yaml_file_of_the_project_reads_as_the_safe_loader_reads_it() -> None:
+    files = [p for p in REPO.rglob("*.yaml") if ".venv" not in p.parts and ".git" not in p.parts]
+    files = [p for p in files if "yaml-duplicate-key" not in p.name and "yaml-syntax" not in p.name]
+    assert len(files) > 40
+    for path in files:
+        text = path.read_text()
+        assert strict(text) == safe(text), path
+
+
+SHAPES = """\
+plain: {a: 1, b: [1, 2.5, .inf, -.inf, 0x1f, 0o17, 1_000, +12], c: null, d: ~, e: true, f: No}
+when: 2026-12-02
+stamp: 2026-12-02T07:16:12Z
+bytes: !!binary aGVsbG8=
+quoted: ["1", 'true', "null", !!str 12]
+text: |
+  two
+  lines
+anchored: &shared {x: [1, 2]}
+aliased: *shared
+list: &items [a, b]
+again: *items
+? complex
+: key
+"": empty key
+1: int key
+1.5: float key
+null: null key
+---
+- just
+- a list
+---
+a scalar document
+---
+"""
+
+
+def test_every_scalar_and_collection_shape_reads_the_same() -> None:
+    ours, theirs = strict(SHAPES), safe(SHAPES)
+    assert ours == theirs
+    first = ours[0]
+    assert first["when"] == datetime.date(2026, 12, 2) and first["bytes"] == b"hello"
+    assert first["aliased"] is first["anchored"] and first["again"] is first["list"]
+    assert math.isinf(first["plain"]["b"][2]) and first["plain"]["f"] is False
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "base: &b {a: 1, b: 2}\nmerged:\n  <<: *b\n  c: 3\n",  # a merge key
+        "!!set {a, b}\n",
+        "!!omap [a: 1, b: 2]\n",
+        "? [a, b]\n: a list as a key\n",
+        "nan: .nan\n",
+    ],
+)
+def test_documents_beyond_plain_ones_read_the_same(text: str) -> None:
+    assert outcome(strict, text) == outcome(safe, text)
+
+
+def outcome(load: Any, text: str) -> str:
+    """What ``load`` makes of ``text``, or the error it raises, as text."""
+    try:
+        return repr(load(text))
+    except yaml.YAMLError as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def test_a_document_that_holds_itself_is_built_once() -> None:
+    (doc,) = strict("&me [1, *me]\n")
+    assert doc[1] is doc
+    (mapping,) = strict("&me {self: *me}\n")
+    assert mapping["self"] is mapping
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "key"),
+    [
+        ("spec:\n  to: [a]\n  ports: []\n  to: [b]\n", "line 4, column 3", "to"),
+        # with a merge key the document is built by PyYAML's constructor; the same words
+        ("base: &b {a: 1}\nspec:\n  <<: *b\n  c: 1\n  c: 2\n", "line 5, column 3", "c"),
+    ],
+)
+def test_a_key_given_twice_is_refused_with_where_it_is(text: str, where: str, key: str) -> None:
+    objects, problems = parse_manifest("m.yaml", text.encode())
+    started = "line 2" if key == "to" else "line 3"
+    assert objects == []
+    assert [p.message for p in problems] == [
+        f"invalid YAML at {where}: while reading a mapping (started at {started}), found the"
+        f' key "{key}" twice: keep one'
+    ]
+
+
+KEYS = st.text(max_size=6) | st.integers() | st.booleans() | st.none() | st.floats(allow_nan=False)
+VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False)
+    | st.text(max_size=10)
+    | st.dates()
+    | st.binary(max_size=6),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(KEYS, inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(VALUES, st.booleans(), st.sampled_from([None, '"', "'"]))
+def test_any_dumped_value_reads_back_as_the_safe_loader_reads_it(
+    value: Any, flow: bool, quote: str | None
+) -> None:
+    text = yaml.safe_dump(value, default_flow_style=flow, default_style=quote)
+    assert strict(text) == safe(text)
