@@ -630,15 +630,27 @@ class _StrictLoader(_BaseLoader):
         return mapping
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        self.flatten_mapping(node)
-        seen: set[tuple[str, str]] = set()
-        for key_node, _ in node.value:
-            if isinstance(key_node, yaml.ScalarNode):
-                ident = (key_node.tag, key_node.value)
-                if ident in seen:
-                    raise _twice(node, key_node)
-                seen.add(ident)
+        _written_once(node, set())
         return super().construct_mapping(node, deep)
+
+
+def _written_once(node: yaml.MappingNode, checked: set[int]) -> None:
+    """Refuse a key written twice in one mapping, or in a mapping merged into it (``<<``).
+    Giving again a key that a merge brought in is what merging is for: the mapping's own wins."""
+    checked.add(id(node))
+    seen: set[tuple[str, str]] = set()
+    for key_node, value_node in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):
+            continue
+        if key_node.tag == _MERGE:
+            merged = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+            for source in merged:
+                if isinstance(source, yaml.MappingNode) and id(source) not in checked:
+                    _written_once(source, checked)
+        ident = (key_node.tag, key_node.value)
+        if ident in seen:
+            raise _twice(node, key_node)
+        seen.add(ident)
 
 
 def _twice(node: yaml.Node, key_node: yaml.Node) -> yaml.constructor.ConstructorError:
