@@ -9,9 +9,11 @@ Everything lives in namespaces with unique names, removed by ``close`` (also on 
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -98,6 +100,19 @@ def _echo(conn: socket.socket) -> None:
             conn.sendall(data)
 
 
+def wait_up(ns: str, dev: str, timeout_s: float = 10.0) -> None:
+    """Wait until ``dev`` in ``ns`` is operationally up. Until then its queue discards every
+    packet, and the kernel takes up to a second after ``link set up`` to get there."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        show = ["ip", "-n", ns, "-j", "link", "show", "dev", dev]
+        shown = subprocess.run(show, check=True, capture_output=True, text=True).stdout
+        if json.loads(shown)[0].get("operstate") == "UP":
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{dev} in {ns} is not up after {timeout_s:.0f} s")
+
+
 def build() -> Topology:
     require_kernel()
     tag = unique_name("egt")
@@ -162,6 +177,9 @@ def build() -> Topology:
         ip(topo.gateway, "-6", "route", "add", "2001:db8:203::/64", "via", "2001:db8:100::1")
         sysctl(topo.gateway, "net.ipv4.ip_forward", "1")
         sysctl(topo.gateway, "net.ipv6.conf.all.forwarding", "1")
+        for ns, dev in ((topo.client, "eth0"), (topo.gateway, "eth0"), (topo.gateway, "up0")):
+            wait_up(ns, dev)
+        wait_up(topo.server, "eth0")
         # Settle neighbour discovery on both links before a test times its first packet.
         for ns, peer in ((topo.client, "2001:db8:1::1"), (topo.gateway, "2001:db8:100::1")):
             ping = ["ip", "netns", "exec", ns, "ping", "-6", "-c1", "-W2", peer]
