@@ -43,7 +43,7 @@ from egressgw.datapath.tunnel import TunnelSettings, link_local_for, mac_for
 from egressgw.lab.forge import TCP_FLAGS, ip_packet, send_tunnelled, tcp_segment, vxlan_frame
 from egressgw.steering import AgentPlan, TunnelPeers
 from tests.conftest import require_kernel, unique_name
-from tests.kernel.topology import ip, sysctl, tcp_listener
+from tests.kernel.topology import ip, links_up, sysctl, tcp_listener
 from tests.unit.test_reference_cycles import cyclic_garbage
 
 A = ipaddress.ip_address
@@ -320,6 +320,7 @@ def build() -> Cluster:
             _addresses(p, "eth0", f"{pod4}/26", f"{pod6}/64")
             ip(p, "route", "add", "default", "via", gw4)
             ip(p, "-6", "route", "add", "default", "via", gw6)
+        links_up(*ns.values())
         # servers
         for family in (4, 6):
             cluster.closers.append(

@@ -107,10 +107,20 @@ def wait_up(ns: str, dev: str, timeout_s: float = 10.0) -> None:
     while time.monotonic() < deadline:
         show = ["ip", "-n", ns, "-j", "link", "show", "dev", dev]
         shown = subprocess.run(show, check=True, capture_output=True, text=True).stdout
-        if json.loads(shown)[0].get("operstate") == "UP":
+        if json.loads(shown)[0].get("operstate") in ("UP", "UNKNOWN"):  # UNKNOWN: lo, dummy
             return
         time.sleep(0.02)
     raise AssertionError(f"{dev} in {ns} is not up after {timeout_s:.0f} s")
+
+
+def links_up(*namespaces: str) -> None:
+    """``wait_up`` for every link set up in each of ``namespaces``."""
+    for ns in namespaces:
+        show = ["ip", "-n", ns, "-j", "link", "show"]
+        listed = subprocess.run(show, check=True, capture_output=True, text=True).stdout
+        for link in json.loads(listed):
+            if "UP" in link.get("flags", []):
+                wait_up(ns, link["ifname"])
 
 
 def build() -> Topology:

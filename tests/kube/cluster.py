@@ -29,7 +29,7 @@ from typing import Any
 from egressgw.datapath.netns import call_in
 from egressgw.testing.apiserver import FakeApiServer, kubeconfig
 from tests.conftest import require_kernel, unique_name
-from tests.kernel.topology import tcp_listener
+from tests.kernel.topology import links_up, tcp_listener
 from tests.ports import free_port
 
 SERVER = "203.0.113.10"
@@ -199,6 +199,7 @@ def build_network(nodes: list[str]) -> Network:
             subprocess.run(
                 ["ip", "netns", "exec", gw, "sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True
             )
+        links_up(net.server, *net.gateways.values(), *net.clients.values())
     except BaseException:
         net.close()
         raise
