@@ -578,11 +578,16 @@ _STR = "tag:yaml.org,2002:str"
 _MAP = "tag:yaml.org,2002:map"
 _SEQ = "tag:yaml.org,2002:seq"
 _MERGE = "tag:yaml.org,2002:merge"
+_DEEPEST = 100  # collections nested deeper are built by PyYAML's constructor, without recursion
+# the tags whose constructors build a value from a scalar node alone
+_SCALAR_TAGS = frozenset(
+    f"tag:yaml.org,2002:{name}" for name in ("null", "bool", "int", "float", "binary", "timestamp")
+)
 
 
 class _Unusual(Exception):
-    """A document with a merge key, a non-scalar key or a tagged collection: built by PyYAML's
-    own constructor instead."""
+    """A document with a merge key, a non-scalar key, a tagged collection or a collection's tag
+    on a scalar: built (or refused) by PyYAML's own constructor instead."""
 
 
 class _StrictLoader(_BaseLoader):
@@ -595,24 +600,37 @@ class _StrictLoader(_BaseLoader):
 
     def construct_document(self, node: yaml.Node) -> Any:
         try:
-            return self._build(node, {})
+            return self._build(node, {}, 0)
         except _Unusual:
             return super().construct_document(node)
 
-    def _build(self, node: yaml.Node, built: dict[int, Any]) -> Any:
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except yaml.YAMLError:
+            raise
+        except Exception as exc:  # PyYAML's scalar constructors raise plain errors
+            raise _unfit(node, exc) from None
+
+    def _build(self, node: yaml.Node, built: dict[int, Any], depth: int) -> Any:
         if isinstance(node, yaml.ScalarNode):
             if node.tag == _STR:
                 return node.value
-            scalar = self.yaml_constructors.get(node.tag)
-            if scalar is None:
+            if node.tag not in _SCALAR_TAGS:
                 raise _Unusual
-            return scalar(self, node)
+            try:
+                return self.yaml_constructors[node.tag](self, node)
+            except Exception as exc:
+                raise _unfit(node, exc) from None
         if id(node) in built:  # an alias: the object built for its anchor
             return built[id(node)]
+        if depth > _DEEPEST:
+            raise _Unusual
         if isinstance(node, yaml.SequenceNode) and node.tag == _SEQ:
             items: list[Any] = []
             built[id(node)] = items
-            items.extend(self._build(item, built) for item in node.value)
+            for item in node.value:
+                items.append(self._build(item, built, depth + 1))
             return items
         if not isinstance(node, yaml.MappingNode) or node.tag != _MAP:
             raise _Unusual
@@ -626,11 +644,13 @@ class _StrictLoader(_BaseLoader):
             if ident in seen:
                 raise _twice(node, key_node)
             seen.add(ident)
-            mapping[self._build(key_node, built)] = self._build(value_node, built)
+            key = self._build(key_node, built, depth + 1)
+            mapping[key] = self._build(value_node, built, depth + 1)
         return mapping
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        _written_once(node, set())
+        if isinstance(node, yaml.MappingNode):  # PyYAML words it if not (!!map on a scalar)
+            _written_once(node, set())
         return super().construct_mapping(node, deep)
 
 
@@ -651,6 +671,24 @@ def _written_once(node: yaml.MappingNode, checked: set[int]) -> None:
         if ident in seen:
             raise _twice(node, key_node)
         seen.add(ident)
+
+
+def _unfit(node: yaml.Node, exc: Exception) -> yaml.constructor.ConstructorError:
+    """A scalar whose tag, written or implied, does not fit its text: ``2024-13-01`` reads as
+    a date, ``!!int abc`` as a number."""
+    kind = str(node.tag).rsplit(":", 1)[-1]
+    detail = f" ({exc})" if type(exc) is ValueError else ""  # e.g. "month must be in 1..12"
+    return yaml.constructor.ConstructorError(
+        None,
+        None,
+        f'cannot read "{node.value}" as {_SCALAR_NAMES.get(kind, kind)}{detail}: quote it if it'
+        " is text",
+        node.start_mark,
+    )
+
+
+_SCALAR_NAMES = {"int": "an integer", "float": "a number", "bool": "a boolean",
+                 "timestamp": "a date", "binary": "base64"}  # fmt: skip
 
 
 def _twice(node: yaml.Node, key_node: yaml.Node) -> yaml.constructor.ConstructorError:
