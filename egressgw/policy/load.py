@@ -644,14 +644,19 @@ class _StrictLoader(_BaseLoader):
             if ident in seen:
                 raise _twice(node, key_node)
             seen.add(ident)
-            key = self._build(key_node, built, depth + 1)
-            mapping[key] = self._build(value_node, built, depth + 1)
+            if key_node.tag != _STR:
+                raise _not_text(key_node)
+            mapping[key_node.value] = self._build(value_node, built, depth + 1)
         return mapping
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         if isinstance(node, yaml.MappingNode):  # PyYAML words it if not (!!map on a scalar)
             _written_once(node, set())
-        return super().construct_mapping(node, deep)
+        mapping = super().construct_mapping(node, deep)
+        for key_node, _ in node.value:  # merged in by now
+            if key_node.tag != _STR:
+                raise _not_text(key_node)
+        return mapping
 
 
 def _written_once(node: yaml.MappingNode, checked: set[int]) -> None:
@@ -688,7 +693,20 @@ def _unfit(node: yaml.Node, exc: Exception) -> yaml.constructor.ConstructorError
 
 
 _SCALAR_NAMES = {"int": "an integer", "float": "a number", "bool": "a boolean",
-                 "timestamp": "a date", "binary": "base64"}  # fmt: skip
+                 "timestamp": "a date", "binary": "base64", "null": "null"}  # fmt: skip
+
+
+def _not_text(key_node: yaml.Node) -> yaml.constructor.ConstructorError:
+    """A key that YAML reads as something other than text (``1:``, ``true:``, an empty ``?``):
+    every key of a Kubernetes object is a string."""
+    kind = str(key_node.tag).rsplit(":", 1)[-1]
+    what = "an empty key" if kind == "null" else f'the key "{key_node.value}"'
+    return yaml.constructor.ConstructorError(
+        None,
+        None,
+        f"{what} reads as {_SCALAR_NAMES.get(kind, 'a ' + kind)}; keys must be text: quote it",
+        key_node.start_mark,
+    )
 
 
 def _twice(node: yaml.Node, key_node: yaml.Node) -> yaml.constructor.ConstructorError:
