@@ -40,7 +40,7 @@ class Parser(argparse.ArgumentParser):
 def host_port(text: str) -> tuple[str, int]:
     """``ADDR:PORT`` or ``[IPv6]:PORT``."""
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise argparse.ArgumentTypeError(f"expected ADDR:PORT, got {text!r}")
     host = host.strip("[]")
     try:

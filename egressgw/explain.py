@@ -75,7 +75,7 @@ class Query:
         if unknown:
             raise ValueError(f"unknown parameter {unknown[0]!r}; known: {', '.join(sorted(known))}")
         port_text = params.get("port")
-        if port_text is not None and not port_text.isdigit():
+        if port_text is not None and not (port_text.isascii() and port_text.isdigit()):
             raise ValueError(f"port must be a number, got {port_text!r}")
         return cls(
             namespace=params.get("namespace", ""),

@@ -103,7 +103,7 @@ def _add_operator_routes(app: web.Application, operator: Operator) -> None:
 
     async def decisions(request: web.Request) -> web.Response:
         limit_text = request.query.get("limit", "")
-        if limit_text and not limit_text.isdigit():
+        if limit_text and not (limit_text.isascii() and limit_text.isdigit()):  # not "²"
             return _error(400, f"limit must be a number, got {limit_text!r}")
         namespace = request.query.get("namespace")
         try:

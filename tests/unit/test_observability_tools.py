@@ -268,6 +268,16 @@ def test_operator_api_before_and_after_the_first_sync() -> None:
             400,
             {"error": "port must be a number, got 'http'"},
         )
+        reply = await client.get("/v1/explain", params={**params, "port": "\u00b2"})  # a digit
+        assert (reply.status, await reply.json()) == (
+            400,
+            {"error": "port must be a number, got '\u00b2'"},
+        )
+        reply = await client.get("/v1/decisions", params={"limit": "\u00b2"})  # not 500
+        assert (reply.status, await reply.json()) == (
+            400,
+            {"error": "limit must be a number, got '\u00b2'"},
+        )
         reply = await client.get("/v1/decisions", params={"limit": "2"})
         body = await reply.json()
         assert [d["name"] for d in body["decisions"]] == ["x.example", "n2.example"]  # newest first
