@@ -647,7 +647,8 @@ def build_parser() -> argparse.ArgumentParser:
         "paths",
         nargs="+",
         metavar="PATH",
-        help="manifest files, or directories read as the daemon reads them (*.yaml, *.yml)",
+        help="manifest files, or directories read as the daemon reads them (*.yaml, *.yml);"
+        " - reads standard input (kubectl get ... -o yaml | egressgw policy check -)",
     )
     check.add_argument(
         "--strict",

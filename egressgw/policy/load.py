@@ -2,7 +2,8 @@
 
 In: paths of YAML files and directories, or one object dict (``parse_object``, e.g. from the
 Kubernetes API). Out: a ``Snapshot`` of the valid objects, and every ``Problem`` found, each naming
-the object, the field, what is wrong and how to fix it. The only I/O is reading the given files.
+the object, the field, what is wrong and how to fix it. The only I/O is reading the given files
+(``-``: standard input, for ``policy check``).
 
 Every object goes through ``parse_object``, so a file and an API object get the same words.
 An object with any problem is left out of the snapshot; the caller decides what stays in force.
@@ -17,6 +18,7 @@ Choices worth knowing:
   a ConfigMap mount is read through its visible names, all in one generation, and a file reached
   by two names is read once (``walk``). The daemon's manifest source uses the same walk, reader
   and ``build_snapshot``, so it and ``policy check`` see the same objects and the same problems;
+- a ``v1`` ``List`` stands for its items, so what ``kubectl get -o yaml`` prints can be read;
 - a Pod without ``metadata.namespace`` is in "default", as with kubectl; an EgressPolicy must name
   its namespace, so a policy never lands in a namespace by accident;
 - a Namespace gets the ``kubernetes.io/metadata.name`` label, as the API server sets it;
@@ -34,10 +36,11 @@ import ipaddress
 import os
 import re
 import stat
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, BinaryIO, NamedTuple, TypeVar
 
 import yaml
 
@@ -918,15 +921,31 @@ def parse_manifest(source: str, data: bytes) -> tuple[list[tuple[str, KubeObject
     problems: list[Problem] = []
     try:
         for doc in yaml.load_all(text, Loader=_StrictLoader):
-            if doc is None:
-                continue
-            obj, found = parse_object(doc, source=source)
-            problems.extend(found)
-            if obj is not None:
-                objects.append((source, obj))
+            for item in _listed(source, doc, problems):
+                obj, found = parse_object(item, source=source)
+                problems.extend(found)
+                if obj is not None:
+                    objects.append((source, obj))
     except yaml.YAMLError as exc:
         problems.append(_yaml_problem(source, exc))
     return objects, problems
+
+
+def _listed(source: str, doc: Any, problems: list[Problem]) -> list[Any]:
+    """The objects a document stands for: those of a ``v1`` ``List`` (what ``kubectl get -o
+    yaml`` prints), else the document itself; none for an empty document."""
+    if doc is None:
+        return []
+    if not isinstance(doc, Mapping) or (doc.get("apiVersion"), doc.get("kind")) != ("v1", "List"):
+        return [doc]
+    items = doc.get("items")
+    if items is None:
+        return []
+    if not isinstance(items, list):
+        got = type(items).__name__
+        problems.append(Problem(source, "List", None, "?", "items", f"expected a list, got {got}"))
+        return []
+    return [item for item in items if item is not None]
 
 
 def _unreadable(source: str, exc: OSError) -> Problem:
@@ -935,13 +954,20 @@ def _unreadable(source: str, exc: OSError) -> Problem:
     return Problem(source, "?", None, "?", "", f"cannot read the file: {exc}")
 
 
-def load_paths(paths: Sequence[str | Path]) -> LoadResult:
-    """Load files and directories (recursively) into one Snapshot of the valid objects.
+STDIN = "-"
+
+
+def load_paths(paths: Sequence[str | Path], stdin: BinaryIO | None = None) -> LoadResult:
+    """Load files and directories (recursively) into one Snapshot of the valid objects; ``-``
+    reads ``stdin`` (standard input by default), once.
 
     A file reached twice (a directory given twice, or a file and its directory) is read once."""
+    piped: bytes | None = None
+    if STDIN in [str(path) for path in paths]:
+        piped = (stdin or sys.stdin.buffer).read()
     for attempt in range(_ATTEMPTS):
         try:
-            return _load_paths(paths)
+            return _load_paths(paths, piped)
         except GenerationMoved:
             if attempt == _ATTEMPTS - 1:
                 raise
@@ -955,12 +981,19 @@ def _given(path: Path) -> list[ManifestFile]:
     return [ManifestFile(path, path, _stamp(path, os.stat(path)), pinned=False)]
 
 
-def _load_paths(paths: Sequence[str | Path]) -> LoadResult:
+def _load_paths(paths: Sequence[str | Path], piped: bytes | None) -> LoadResult:
     objects: list[tuple[str, KubeObject]] = []
     problems: list[Problem] = []
     files: dict[str, int] = {}
     seen: set[tuple[int, int]] = set()
     for given in paths:
+        if str(given) == STDIN:
+            if piped is not None and STDIN not in files:
+                piped_objects, piped_problems = parse_manifest(STDIN, piped)
+                objects.extend(piped_objects)
+                problems.extend(piped_problems)
+                files[STDIN] = len(piped_objects)
+            continue
         path = Path(given)
         if not path.exists():
             problems.append(Problem(str(given), "?", None, "?", "", "no such file or directory"))

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import sys
 from pathlib import Path
+
+import pytest
 
 from egressgw.policy.check import check_paths
 
@@ -171,5 +174,21 @@ def test_a_broken_node_is_a_problem_and_the_rest_stays_valid(tmp_path: Path) -> 
             ' "worker-1.example" is not an IP address: write one IPv4 or IPv6 address, e.g.'
             " 198.51.100.10 or 2001:db8::10 (no prefix length)",
             f"{tmp_path}: 1 valid object, 1 problem",
+        ],
+    )
+
+
+def test_what_kubectl_get_prints_is_checked_from_standard_input(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # kubectl get egresspolicies -A -o yaml: a v1 List, with the API server's metadata and status
+    piped = (REPO / "tests" / "testdata" / "kubectl-get.yaml").read_bytes()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(piped)))
+    assert run(["-", str(REPO / "policies"), "-"]) == (
+        1,
+        [
+            f"{REPO / 'policies' / 'payments.yaml'}: EgressPolicy/payments/database: already"
+            " defined in -: define each object once; this copy is ignored",
+            f"-, {REPO / 'policies'}, -: 4 valid objects, 1 problem",
         ],
     )

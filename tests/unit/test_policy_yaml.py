@@ -242,3 +242,20 @@ def test_no_damaged_manifest_escapes_the_reader_as_an_error(data: st.DataObject)
         text = text[:at] + put + text[at + cut :]
     _, problems = parse_manifest("m.yaml", text)  # problems, never an exception
     assert all(p.message for p in problems)
+
+
+def test_a_list_stands_for_its_items() -> None:
+    listed = (
+        "apiVersion: v1\nkind: List\nmetadata: {resourceVersion: ''}\nitems:\n"
+        "- {apiVersion: v1, kind: Namespace, metadata: {name: payments}}\n"
+        "- {apiVersion: v1, kind: Namespace, metadata: {name: Bad}}\n"
+        "---\napiVersion: v1\nkind: List\nitems: []\n"
+        "---\napiVersion: v1\nkind: List\nitems: {a: 1}\n"
+    )
+    objects, problems = parse_manifest("list.yaml", listed.encode())
+    assert [obj.name for _, obj in objects] == ["payments"]
+    assert [str(p) for p in problems] == [
+        'list.yaml: Namespace/Bad: metadata.name: invalid name "Bad": use lower-case letters,'
+        " digits and '-' (at most 63), starting and ending with a letter or digit",
+        "list.yaml: List/?: items: expected a list, got dict",
+    ]
