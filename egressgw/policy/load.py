@@ -995,8 +995,10 @@ def _load_paths(paths: Sequence[str | Path], piped: bytes | None) -> LoadResult:
                 files[STDIN] = len(piped_objects)
             continue
         path = Path(given)
-        if not path.exists():
-            problems.append(Problem(str(given), "?", None, "?", "", "no such file or directory"))
+        try:
+            os.stat(path)
+        except OSError as exc:  # missing, or a loop of symbolic links
+            problems.append(_unreadable(str(given), exc))
             continue
         try:
             given_files = _given(path)

@@ -652,6 +652,16 @@ def test_missing_path() -> None:
     assert [str(p) for p in result.problems] == ["/nonexistent/policies: no such file or directory"]
 
 
+def test_a_loop_of_links_is_named_as_one(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").symlink_to(tmp_path / "b.yaml")
+    (tmp_path / "b.yaml").symlink_to(tmp_path / "a.yaml")
+    result = load_paths([tmp_path / "a.yaml"])
+    assert [str(p) for p in result.problems] == [
+        f"{tmp_path / 'a.yaml'}: cannot read the file: [Errno 40] Too many levels of symbolic"
+        f" links: '{tmp_path / 'a.yaml'}'"
+    ]
+
+
 def test_a_bad_document_does_not_hide_the_good_ones(tmp_path: Path) -> None:
     path = write(
         tmp_path / "x.yaml",
