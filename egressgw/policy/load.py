@@ -593,13 +593,24 @@ class _Unusual(Exception):
     on a scalar: built (or refused) by PyYAML's own constructor instead."""
 
 
+_TIMESTAMP = "tag:yaml.org,2002:timestamp"
+
+
 class _StrictLoader(_BaseLoader):
     """Safe YAML that rejects duplicate keys: PyYAML would silently keep the last one, and a
     second ``to:`` or ``ports:`` in one rule must not quietly replace the first.
 
+    A plain scalar that looks like a date (``2024-12-01``) is text, as kubectl reads it (its
+    YAML library keeps such values strings); only ``!!timestamp`` makes a date.
+
     Plain documents (all that Kubernetes manifests are) are built by one recursive walk over
     the composed nodes, a third of the time PyYAML's general constructor takes; any other is
     left to that constructor. Both give the same objects, aliases included."""
+
+    yaml_implicit_resolvers = {
+        first: [(tag, pattern) for tag, pattern in resolvers if tag != _TIMESTAMP]
+        for first, resolvers in _BaseLoader.yaml_implicit_resolvers.items()
+    }
 
     def construct_document(self, node: yaml.Node) -> Any:
         try:
@@ -682,15 +693,15 @@ def _written_once(node: yaml.MappingNode, checked: set[int]) -> None:
 
 
 def _unfit(node: yaml.Node, exc: Exception) -> yaml.constructor.ConstructorError:
-    """A scalar whose tag, written or implied, does not fit its text: ``2024-13-01`` reads as
-    a date, ``!!int abc`` as a number."""
+    """A scalar whose written tag does not fit its text: ``!!int abc``, ``!!timestamp
+    2024-13-01`` (an implied tag always fits: it was chosen because the text matched)."""
     kind = str(node.tag).rsplit(":", 1)[-1]
     detail = f" ({exc})" if type(exc) is ValueError else ""  # e.g. "month must be in 1..12"
     return yaml.constructor.ConstructorError(
         None,
         None,
-        f'cannot read "{node.value}" as {_SCALAR_NAMES.get(kind, kind)}{detail}: quote it if it'
-        " is text",
+        f'cannot read "{node.value}" as {_SCALAR_NAMES.get(kind, kind)}{detail}: fix the value,'
+        f" or drop its !!{kind} tag",
         node.start_mark,
     )
 

@@ -168,7 +168,7 @@ def _json_type(value: Any) -> str:
         return "a list"
     if isinstance(value, dict):
         return "a mapping"
-    # YAML turns unquoted dates and times into these
+    # what !!timestamp and !!binary make
     return f"a {type(value).__name__}"
 
 
@@ -194,7 +194,7 @@ def _type_message(error: ValidationError) -> str:
     ]
     message = f"expected {' or '.join(names)}, got {_json_type(error.instance)}"
     if expected == "string" and not isinstance(error.instance, (dict, list)):
-        # YAML reads 1, true, on, 2024-01-01 as non-strings
+        # YAML reads 1, true, on as non-strings
         message += f': put the value in quotes, e.g. "{error.instance}"'
     return message
 

@@ -199,7 +199,7 @@ def api_server_rejects(path: Path) -> list[str]:
     """Why the API server would refuse the file (empty: it would admit every object)."""
     try:
         docs = [d for d in yaml.load_all(path.read_text(), Loader=_StrictYaml) if d is not None]
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: a tag that does not fit its value
         return [f"YAML: {exc}"]
     crds = _crds()
     reasons = []
