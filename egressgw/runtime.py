@@ -677,6 +677,8 @@ class Daemon(Supervisor):
             return False
         self.apply_failure = None
         self.applied_once = True
+        if self._dns is not None:  # the first plan is in force: queries waited for it
+            await self._dns.serve()
         return True
 
     async def _follow_ownership(self) -> None:
@@ -744,7 +746,10 @@ class Daemon(Supervisor):
             raise adopt_problem(self.settings, exc) from None
 
     async def _start_dns(self, interceptor: Interceptor) -> None:
-        """The upstreams, then the DNS server (``self._dns``)."""
+        """The upstreams, then the DNS server (``self._dns``), its ports bound but unread until
+        the first plan is in force: before, every workload would be an unknown source and get
+        REFUSED (for seconds at a large cluster's start); this way its queries wait in the
+        sockets' queues and are answered once the plan is taken."""
         # an upstream that cannot be reached logs its demotion, and the housekeeping tries it
         # again
         await interceptor.upstream.start()
@@ -755,7 +760,7 @@ class Daemon(Supervisor):
             tcp_in_flight=self.settings.dns_tcp_pipeline,
         )
         try:
-            await self._dns.start()
+            await self._dns.start(serving=False)
         except OSError as exc:  # taken since the probe
             raise bind_problem("--dns-listen", self.settings.dns_listen, exc) from None
 

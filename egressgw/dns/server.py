@@ -133,6 +133,26 @@ def udp_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+TCP_BACKLOG = 128  # connections the kernel completes while the server does not accept yet
+
+
+def tcp_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket: connections queue in its backlog even before they are accepted."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.listen(TCP_BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class _Tcp(asyncio.Protocol):
     """One DNS-over-TCP connection: its framing, the queries it has in flight, its idle timer
     and its write deadline (see the module docstring).
@@ -368,21 +388,41 @@ class DnsServer:
     _tcp: list[asyncio.Server] = field(default_factory=list)
     _sources: dict[str, int] = field(default_factory=dict)  # address -> its open connections
     _connections: set[_Tcp] = field(default_factory=set)
+    _serving: bool = False
 
-    async def start(self) -> None:
+    async def start(self, serving: bool = True) -> None:
         """Listen on every address, UDP and TCP, or on none: a port that cannot be bound
-        closes what was opened before it raises."""
+        closes what was opened before it raises. Not ``serving``, queries and connections
+        wait in the sockets' queues until ``serve``."""
         loop = asyncio.get_running_loop()
         try:
             for host, port in self.listen:
-                udp = _Udp(self.interceptor, udp_socket(host, port))
-                loop.add_reader(udp.sock.fileno(), udp.readable)
-                self._udp.append(udp)
-                self._tcp.append(await loop.create_server(partial(_Tcp, self), host, port))
+                self._udp.append(_Udp(self.interceptor, udp_socket(host, port)))
+                factory = partial(_Tcp, self)
+                sock = tcp_socket(host, port)
+                try:
+                    server = await loop.create_server(factory, sock=sock, start_serving=False)
+                except BaseException:
+                    sock.close()
+                    raise
+                self._tcp.append(server)
                 log.info("dns: listening on %s port %d (UDP and TCP)", host, port)
         except BaseException:
             await self.close()
             raise
+        if serving:
+            await self.serve()
+
+    async def serve(self) -> None:
+        """Answer from now on, starting with what waits in the sockets' queues."""
+        if self._serving:
+            return
+        self._serving = True
+        loop = asyncio.get_running_loop()
+        for udp in self._udp:
+            loop.add_reader(udp.sock.fileno(), udp.readable)  # at once if queries wait
+        for server in self._tcp:
+            await server.start_serving()
 
     def _admit(self, connection: _Tcp) -> bool:
         """Count a new connection from its source, unless that source has all it may have."""

@@ -236,6 +236,33 @@ def test_dead_upstreams_fail_over_are_demoted_and_all_dead_is_servfail(
     asyncio.run(scenario())
 
 
+def test_a_server_not_yet_serving_keeps_queries_waiting_and_answers_them_once_it_serves(
+    dnsmasq: tuple[int, Path],
+) -> None:
+    upstream_port, _log = dnsmasq
+
+    async def scenario() -> None:
+        icpt = interceptor([(LOOPBACK, upstream_port)])
+        await icpt.upstream.start()
+        port = free_port()
+        server = DnsServer(icpt, [(LOOPBACK, port)])
+        await server.start(serving=False)
+        try:
+            udp = asyncio.create_task(ask(port, "db.test.example"))
+            tcp = asyncio.create_task(ask(port, "alias.test.example", tcp=True))
+            done, _ = await asyncio.wait({udp, tcp}, timeout=0.5)
+            assert done == set()  # bound: not refused, not answered
+            await server.serve()
+            udp_reply, tcp_reply = await asyncio.wait_for(asyncio.gather(udp, tcp), 3)
+            assert [str(rr.rdata) for rr in udp_reply.rr] == ["203.0.113.10"]
+            assert [QTYPE[rr.rtype] for rr in tcp_reply.rr] == ["CNAME", "A"]
+        finally:
+            await server.close()
+            icpt.upstream.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_port_taken_for_tcp_fails_the_start_and_leaves_udp_unbound() -> None:
     port = free_port()
 

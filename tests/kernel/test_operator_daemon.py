@@ -245,18 +245,25 @@ def _metrics(ns: str) -> str:
     return call_in(ns, ask)
 
 
-def test_an_unreachable_upstream_is_demoted_and_the_others_answer(
-    node: str, tmp_path: Path
-) -> None:
+def _dns_gateway(node: str, tmp_path: Path) -> tuple[Path, socket.socket, list[str]]:
+    """The manifests directory (the payments cluster), a resolver that answers every A query
+    (close it), and the arguments of a daemon that intercepts DNS with them."""
     manifests = tmp_path / "manifests"
     manifests.mkdir()
     (manifests / "cluster.yaml").write_text(CLUSTER + "---\n" + GATEWAY % '"198.51.100.10"')
     resolver = held_in(node, lambda: udp_socket(*UPSTREAM))
     threading.Thread(target=_answer_every_a_query, args=(resolver,), daemon=True).start()
     table = unique_name("egw").replace("-", "_")
-    log = tmp_path / "egressgw.log"
     args = ["--manifests", str(manifests), "--uplink", "up0", "--table", table]
     args += ["--http-listen", f"{HTTP[0]}:{HTTP[1]}", "--dns-listen", f"{DNS4}:53"]
+    return manifests, resolver, args
+
+
+def test_an_unreachable_upstream_is_demoted_and_the_others_answer(
+    node: str, tmp_path: Path
+) -> None:
+    _, resolver, args = _dns_gateway(node, tmp_path)
+    log = tmp_path / "egressgw.log"
     # no route to either of the first two: a UDP socket cannot even be connected to them
     for upstream in ("192.0.2.99:53", "[2001:db8:ffff::53]:53", f"{UPSTREAM[0]}:{UPSTREAM[1]}"):
         args += ["--upstream", upstream]
@@ -289,6 +296,59 @@ def test_an_unreachable_upstream_is_demoted_and_the_others_answer(
     assert "name=db.example.com type=A verdict=allow" in allowed[0]
     assert log_lines(log, " DEBUG ") == []
     assert "Traceback" not in log.read_text()
+
+
+def test_queries_asked_while_the_daemon_starts_wait_for_its_plan_instead_of_being_refused(
+    node: str, tmp_path: Path
+) -> None:
+    manifests, resolver, args = _dns_gateway(node, tmp_path)
+    # 20,000 more pods: reading and applying them keeps the first plan a second or so away
+    crowd = ["apiVersion: v1\nkind: Namespace\nmetadata: {name: crowd}\n"]
+    crowd += [
+        f"apiVersion: v1\nkind: Pod\nmetadata: {{name: c-{i}, namespace: crowd}}\n"
+        f"status: {{podIPs: [{{ip: '2001:db8:1::{i:x}'}}]}}\n"
+        for i in range(1, 20_001)
+    ]
+    (manifests / "crowd.yaml").write_text("---\n".join(crowd))
+    log = tmp_path / "egressgw.log"
+    args += ["--upstream", f"{UPSTREAM[0]}:{UPSTREAM[1]}"]
+
+    def first_answer() -> tuple[DNSRecord, int]:
+        """The pod asks again and again until it gets an answer; that answer, and how many
+        times it asked."""
+        for attempt in range(1, 301):  # bounded: 300 tries of at most 0.1 s
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                sock.settimeout(0.1)
+                sock.bind((POD4, 0))
+                sock.sendto(DNSRecord.question("db.example.com", "A").pack(), (DNS4, 53))
+                try:
+                    return DNSRecord.parse(sock.recv(4096)), attempt
+                except OSError:  # not bound yet (port unreachable), or no answer yet
+                    continue
+        raise AssertionError("no answer in 300 tries")
+
+    try:
+        with daemon(node, log, *args) as proc:
+            reply, attempts = call_in(node, first_answer)
+            wait_for(lambda: ready(node, proc, log), "readiness")
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=10) == 0
+    finally:
+        resolver.close()
+    assert (reply.header.rcode, [str(rr.rdata) for rr in reply.rr]) == (0, [ANSWER4]), reply
+    assert log_lines(log, "verdict=refused") == []
+    # the port was bound seconds before the plan, and the pod asked meanwhile
+    (bound,) = log_lines(log, "dns: listening on")
+    applied = log_lines(log, "applied:")[0]
+    waited = _seconds(applied) - _seconds(bound)
+    assert waited > 0.2 and attempts > 1, (waited, attempts)
+
+
+def _seconds(line: str) -> float:
+    """The time of day of a log line (``2026-12-02 07:16:12,345 ...``), in seconds."""
+    clock = line.split()[1].replace(",", ".")
+    hours, minutes, seconds = clock.split(":")
+    return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
 
 
 # -- the applied line and cleanup -------------------------------------------------------------
