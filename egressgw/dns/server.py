@@ -25,6 +25,7 @@ import logging
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import cast
@@ -113,24 +114,43 @@ UDP_RECEIVE_BUFFER_BYTES = 4 * 1024 * 1024
 SO_RCVBUFFORCE = 33  # Linux; needs CAP_NET_ADMIN, which the gateway has
 
 
-def udp_socket(host: str, port: int) -> socket.socket:
+def _bound(
+    host: str,
+    port: int,
+    kind: int,
+    prepare: Callable[[socket.socket], None] | None = None,
+    backlog: int | None = None,
+) -> socket.socket:
+    """A non-blocking socket of ``kind`` bound to ``host``:``port`` (IPv6 only for an IPv6
+    host, the address reusable): ``prepare`` runs on it before the bind, and with a
+    ``backlog`` it listens; closed if any of it fails."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock = socket.socket(family, kind)
     try:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, UDP_RECEIVE_BUFFER_BYTES)
-        except OSError:  # without CAP_NET_ADMIN: as much as net.core.rmem_max allows
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER_BYTES)
+        if prepare is not None:
+            prepare(sock)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((host, port))
+        if backlog is not None:
+            sock.listen(backlog)
         sock.setblocking(False)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def udp_socket(host: str, port: int) -> socket.socket:
+    def prepare(sock: socket.socket) -> None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, UDP_RECEIVE_BUFFER_BYTES)
+        except OSError:  # without CAP_NET_ADMIN: as much as net.core.rmem_max allows
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER_BYTES)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+
+    return _bound(host, port, socket.SOCK_DGRAM, prepare)
 
 
 TCP_BACKLOG = 128  # connections the kernel completes while the server does not accept yet
@@ -138,19 +158,7 @@ TCP_BACKLOG = 128  # connections the kernel completes while the server does not 
 
 def tcp_socket(host: str, port: int) -> socket.socket:
     """A listening TCP socket: connections queue in its backlog even before they are accepted."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((host, port))
-        sock.listen(TCP_BACKLOG)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    return _bound(host, port, socket.SOCK_STREAM, backlog=TCP_BACKLOG)
 
 
 class _Tcp(asyncio.Protocol):
