@@ -581,6 +581,7 @@ _STR = "tag:yaml.org,2002:str"
 _MAP = "tag:yaml.org,2002:map"
 _SEQ = "tag:yaml.org,2002:seq"
 _MERGE = "tag:yaml.org,2002:merge"
+_TIMESTAMP = "tag:yaml.org,2002:timestamp"
 _DEEPEST = 100  # collections nested deeper are built by PyYAML's constructor, without recursion
 # the tags whose constructors build a value from a scalar node alone
 _SCALAR_TAGS = frozenset(
@@ -591,9 +592,6 @@ _SCALAR_TAGS = frozenset(
 class _Unusual(Exception):
     """A document with a merge key, a non-scalar key, a tagged collection or a collection's tag
     on a scalar: built (or refused) by PyYAML's own constructor instead."""
-
-
-_TIMESTAMP = "tag:yaml.org,2002:timestamp"
 
 
 class _StrictLoader(_BaseLoader):
@@ -650,16 +648,13 @@ class _StrictLoader(_BaseLoader):
             raise _Unusual
         mapping: dict[Any, Any] = {}
         built[id(node)] = mapping
-        seen: set[str] = set()
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _MERGE:
                 raise _Unusual
-            ident = f"{key_node.tag}\0{key_node.value}"
-            if ident in seen:
-                raise _twice(node, key_node)
-            seen.add(ident)
-            if key_node.tag != _STR:
+            if key_node.tag != _STR:  # refused where it first stands, before any repeat
                 raise _not_text(key_node)
+            if key_node.value in mapping:
+                raise _twice(node, key_node)
             mapping[key_node.value] = self._build(value_node, built, depth + 1)
         return mapping
 
